@@ -1,0 +1,123 @@
+"""Shared command-line pieces: argument groups and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, NoReturn
+
+from raymtl.data import DATASETS
+from raymtl.errors import ConfigError, die
+from raymtl.models import BACKBONES
+from raymtl.tasks import TaskSpec
+from raymtl.weighting import WEIGHTINGS
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line on stderr (no usage dump), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        die(self.prog, f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dataset, --data-root and the embedded data sets' size options."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        default="synthetic",
+        help=f"data set name (default: synthetic); one of: {', '.join(DATASETS.names())}",
+    )
+    group.add_argument("--data-root", default=None, help="folder or URI of a real data set")
+    group.add_argument(
+        "--n-train", type=positive_int, default=None, help="synthetic: training samples"
+    )
+    group.add_argument("--n-test", type=positive_int, default=None, help="synthetic: test samples")
+    group.add_argument(
+        "--image-size", type=positive_int, default=None, help="synthetic: image side in pixels"
+    )
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The data set options given on the command line (unset ones are left to the data set)."""
+    options = {"n_train": args.n_train, "n_test": args.n_test, "image_size": args.image_size}
+    options = {k: v for k, v in options.items() if v is not None}
+    options["seed"] = args.seed
+    return options
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser, default_backbone: str = "small_cnn"
+) -> None:
+    """--backbone."""
+    parser.add_argument(
+        "--backbone",
+        default=default_backbone,
+        help=f"backbone (default: {default_backbone}); one of: {', '.join(BACKBONES.names())}",
+    )
+
+
+def check_names(
+    dataset: str | None = None, backbone: str | None = None, weightings: list[str] | None = None
+) -> None:
+    """Fail fast (ConfigError) on unknown registry names, before any work starts."""
+    if dataset is not None:
+        DATASETS.get(dataset)
+    if backbone is not None:
+        BACKBONES.get(backbone)
+    for name in weightings or []:
+        WEIGHTINGS.get(name)
+
+
+def format_task_table(per_task: dict[str, dict[str, float]], tasks: list[TaskSpec]) -> str:
+    """A Markdown table of each task's metrics (primary metric first)."""
+    lines = ["| task | kind | metrics |", "|---|---|---|"]
+    for task in tasks:
+        values = per_task.get(task.name, {})
+        ordered = [task.primary_metric] + [m for m in values if m != task.primary_metric]
+        text = ", ".join(f"{m}={values[m]:.4f}" for m in ordered if m in values)
+        lines.append(f"| {task.name} | {task.kind} | {text} |")
+    return "\n".join(lines)
+
+
+def run_main(main: Any, prog: str) -> None:
+    """Entry point wrapper: ConfigError → one line + exit 2; returns main's status otherwise."""
+    try:
+        status = main(sys.argv[1:])
+    except ConfigError as err:
+        die(prog, str(err))
+    raise SystemExit(status)

@@ -1,0 +1,115 @@
+"""Multi-task data containers shared by every data set, and the data set registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from raymtl.registry import Registry
+from raymtl.tasks import TaskSpec
+
+DATASETS: Registry[DatasetBundle] = Registry("dataset")
+
+
+class MultiTaskArrays(Dataset):
+    """In-memory multi-task split: uint8 images [N,C,H,W], per-task targets, stable int64 ids.
+
+    Samples are dicts {"id", "image" (float in [0,1]), "targets": {task: tensor}}. Batched
+    indexing (``__getitems__``) lets a DataLoader fetch a whole batch with one tensor gather.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        targets: dict[str, Tensor],
+        ids: Tensor,
+        split: str,
+        factors: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        n = len(images)
+        if len(ids) != n or any(len(t) != n for t in targets.values()):
+            raise ValueError("images, ids and every target must have the same length")
+        if len(torch.unique(ids)) != n:
+            raise ValueError("sample ids must be unique")
+        self.images = images
+        self.targets = targets
+        self.ids = ids.long()
+        self.split = split
+        self.factors = factors or {}
+        self._position = {int(i): p for p, i in enumerate(self.ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "id": self.ids[index],
+            "image": self.images[index].float().div_(255.0),
+            "targets": {name: t[index] for name, t in self.targets.items()},
+        }
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            "id": self.ids[index],
+            "image": self.images[index].float().div_(255.0),
+            "targets": {name: t[index] for name, t in self.targets.items()},
+        }
+
+    def positions_of(self, ids: Sequence[int]) -> list[int]:
+        """Row positions of the given sample ids (KeyError names the first unknown id)."""
+        try:
+            return [self._position[int(i)] for i in ids]
+        except KeyError as err:
+            raise KeyError(f"unknown sample id {err.args[0]} in split {self.split!r}") from None
+
+    def subset(self, positions: Sequence[int] | Tensor) -> MultiTaskArrays:
+        """A new split holding only the given row positions (ids unchanged)."""
+        index = torch.as_tensor(positions, dtype=torch.long)
+        return MultiTaskArrays(
+            self.images[index],
+            {k: v[index] for k, v in self.targets.items()},
+            self.ids[index],
+            self.split,
+            {k: v[index.numpy()] for k, v in self.factors.items()},
+        )
+
+
+def collate_batch(batch: Any) -> dict[str, Any]:
+    """Collate for DataLoader: pass batches from ``__getitems__`` through, stack lists otherwise."""
+    if isinstance(batch, dict):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+@dataclass
+class DatasetBundle:
+    """A data set: its tasks, train and test splits, and how it was built."""
+
+    name: str
+    tasks: list[TaskSpec]
+    train: Dataset
+    test: Dataset
+    in_channels: int
+    image_size: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def task(self, name: str) -> TaskSpec:
+        """The task called ``name``."""
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def build_dataset(name: str, root: str | None = None, **options: Any) -> DatasetBundle:
+    """Build a registered data set by name (``synthetic`` needs no root)."""
+    return DATASETS.create(name, root=root, **options)

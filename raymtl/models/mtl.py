@@ -1,0 +1,100 @@
+"""The multi-task model: shared encoder + shared neck + one head per task."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raymtl.models.backbones import Backbone, create_backbone
+from raymtl.tasks import TaskSpec
+
+
+class DenseHead(nn.Module):
+    """A light decoder: 3x3 conv, bilinear upsampling to the input size, 3x3 conv, 1x1 output."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 32) -> None:
+        super().__init__()
+        self.pre = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.post = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, out_channels, 1),
+        )
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        x = F.interpolate(self.pre(features), size=size, mode="bilinear", align_corners=False)
+        return self.post(x)
+
+
+class MultiTaskModel(nn.Module):
+    """Hard parameter sharing: classification heads read a pooled neck, dense heads a conv neck."""
+
+    def __init__(
+        self, encoder: Backbone, tasks: Sequence[TaskSpec], neck_dim: int = 256, dense_dim: int = 64
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.encoder = encoder
+        channels = encoder.out_channels
+        self.neck = (
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, neck_dim), nn.ELU()
+            )
+            if any(not t.dense for t in tasks)
+            else None
+        )
+        self.dense_neck = (
+            nn.Sequential(
+                nn.Conv2d(channels, dense_dim, 1, bias=False), nn.BatchNorm2d(dense_dim), nn.ReLU()
+            )
+            if any(t.dense for t in tasks)
+            else None
+        )
+        self.heads = nn.ModuleDict(
+            {
+                t.name: DenseHead(dense_dim, t.out_channels)
+                if t.dense
+                else nn.Linear(neck_dim, t.out_channels)
+                for t in tasks
+            }
+        )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.encoder(x)
+        pooled = self.neck(features) if self.neck is not None else None
+        dense = self.dense_neck(features) if self.dense_neck is not None else None
+        size = (x.shape[-2], x.shape[-1])
+        return {
+            t.name: self.heads[t.name](dense, size) if t.dense else self.heads[t.name](pooled)
+            for t in self.tasks
+        }
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every task uses: encoder and necks."""
+        for module in (self.encoder, self.neck, self.dense_neck):
+            if module is not None:
+                yield from module.parameters()
+
+    def task_parameters(self, name: str | None = None) -> Iterator[nn.Parameter]:
+        """Head parameters of one task, or of all tasks when ``name`` is None."""
+        heads = [self.heads[name]] if name is not None else list(self.heads.values())
+        for head in heads:
+            yield from head.parameters()
+
+
+def create_model(
+    backbone: str,
+    tasks: Sequence[TaskSpec],
+    in_channels: int = 3,
+    image_size: int = 32,
+    **kwargs: Any,
+) -> MultiTaskModel:
+    """Build a multi-task model on a registered backbone (random init)."""
+    return MultiTaskModel(create_backbone(backbone, in_channels, image_size, **kwargs), tasks)
