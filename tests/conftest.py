@@ -1,7 +1,24 @@
-"""Test settings shared by the suite: quiet Ray, no token auth, fast failure on Train deadlocks."""
+"""Shared fixtures: test environment for Ray, and ONE Ray cluster per test session."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local 2-CPU Ray cluster shared by every test that needs Ray; stopped at session end."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,  # its State API frees placement groups of early-stopped trials
+        dashboard_host="127.0.0.1",
+        logging_level="WARNING",
+    )
+    yield ray
+    ray.shutdown()

@@ -113,3 +113,19 @@ class DatasetBundle:
 def build_dataset(name: str, root: str | None = None, **options: Any) -> DatasetBundle:
     """Build a registered data set by name (``synthetic`` needs no root)."""
     return DATASETS.create(name, root=root, **options)
+
+
+def split_validation(
+    train: MultiTaskArrays, fraction: float, seed: int = 0
+) -> tuple[MultiTaskArrays, MultiTaskArrays]:
+    """Hold out a seeded ``fraction`` of a training split for model selection (ids unchanged)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(fraction * len(train)))
+    rest, held_out = (
+        train.subset(order[n_val:].sort().values),
+        train.subset(order[:n_val].sort().values),
+    )
+    held_out.split = "val"
+    return rest, held_out

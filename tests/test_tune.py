@@ -1,0 +1,134 @@
+"""``python -m raymtl.tune``: a real (tiny) Optuna + ASHA study on the session's Ray cluster."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raymtl.tune.cli import build_parser, main, per_task_from_flat, pick_best
+
+TINY = [
+    "--n-train",
+    "160",
+    "--n-test",
+    "64",
+    "--image-size",
+    "16",
+    "--epochs",
+    "2",
+    "--grace-period",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(ray_cluster, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("study") / "run"
+    status = main([*TINY, "--num-samples", "3", "--run-dir", str(run_dir)])
+    assert status == 0
+    return run_dir
+
+
+@pytest.mark.ray
+def test_study_writes_config_results_and_best_trial(tiny_study, capsys):
+    config = (tiny_study / "config.yaml").read_text()
+    assert (
+        "command: " in config and "algorithm: optuna-tpe" in config and "scheduler: asha" in config
+    )
+    with open(tiny_study / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3
+    assert {"lr", "weight_decay", "weighting", "val/mean_score", "test/mean_score"} <= set(rows[0])
+    # the first trial is the search space's default point
+    assert any(r["weighting"] == "ls" and float(r["lr"]) == pytest.approx(2e-3) for r in rows)
+    best = json.loads((tiny_study / "best.json").read_text())
+    assert set(best["config"]) == {"lr", "weight_decay", "weighting"}
+    assert best["val/mean_score"] == max(
+        float(r["val/mean_score"]) for r in rows if r["status"] == "completed"
+    )
+    assert {"large", "hue"} <= set(best["test"]["tasks"])
+    assert "balanced_accuracy" in best["test"]["tasks"]["large"]
+
+
+@pytest.mark.ray
+def test_tensorboard_shows_per_trial_scalars(tiny_study):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted((tiny_study / "tune").rglob("events.out.tfevents.*"))
+    assert len(event_files) == 3  # one per trial
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        scalars = set(accumulator.Tags()["scalars"])
+        assert "ray/tune/val/mean_score" in scalars
+        assert "ray/tune/test/hue/balanced_accuracy" in scalars
+        assert "ray/tune/train/loss/large" in scalars
+        assert len(accumulator.Scalars("ray/tune/val/mean_score")) >= 1
+
+
+def test_best_trial_prefers_completed_trials_and_inverts_flat_metrics():
+    rows = [
+        {"status": "stopped early", "val/mean_score": 0.9},
+        {"status": "completed", "val/mean_score": 0.7},
+        {"status": "completed", "val/mean_score": float("nan")},
+    ]
+    assert pick_best(rows, "val/mean_score")["val/mean_score"] == 0.7
+    flat = {"test/a/accuracy": 1.0, "test/mean_score": 0.5, "val/a/accuracy": 0.2}
+    assert per_task_from_flat(flat, "test") == {"a": {"accuracy": 1.0}}
+
+
+def test_help_documents_every_option():
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+
+
+def _run_tune(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "raymtl.tune", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--dataset", "celebb"], "unknown dataset 'celebb'; available: synthetic"),
+        (["--backbone", "resnet19"], "unknown backbone 'resnet19'; available: densenet121"),
+        (["--num-samples", "0"], "argument --num-samples: expected a positive integer, got '0'"),
+        (["--scheduler", "pbt"], "argument --scheduler: invalid choice: 'pbt'"),
+        (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+        (["--storage", "relative/dir"], "--storage must be an absolute path or a URI"),
+        (["mtlue-typo"], "argument study: invalid choice: 'mtlue-typo'"),
+    ],
+)
+def test_tune_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, args, expected):
+    run_dir = tmp_path / "run"
+    proc = _run_tune(*args, "--run-dir", str(run_dir), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0]
+    assert not run_dir.exists()
+
+
+def test_tune_cli_rejects_a_bad_search_space_file(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("weighting: {type: categorical, choices: [ls, nash]}\n")
+    proc = _run_tune("--search-space", str(space), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert (
+        f"search space {space}: weighting choice 'nash' is not a known weighting strategy"
+        in proc.stderr
+    )
+    assert not (tmp_path / "run").exists()
