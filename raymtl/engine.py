@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -285,8 +285,7 @@ def fit_stl(
     merged: dict[str, dict[str, float]] = {}
     history: list[dict[str, float]] = [{"epoch": e} for e in range(1, config.epochs + 1)]
     start = time.perf_counter()
-    stl_config = TrainConfig(**{**config.to_dict(), "weighting": "ls", "weighting_options": {}})
-    stl_config.lr_milestones = tuple(config.lr_milestones)
+    stl_config = replace(config, weighting="ls", weighting_options={})
     for task in tasks:
         result = fit(make_model([task]), train, test, [task], stl_config)
         models[task.name] = result.model

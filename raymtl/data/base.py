@@ -44,7 +44,6 @@ class MultiTaskArrays(Dataset):
         self.ids = ids.long()
         self.split = split
         self.factors = factors or {}
-        self._position = {int(i): p for p, i in enumerate(self.ids.tolist())}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -63,13 +62,6 @@ class MultiTaskArrays(Dataset):
             "image": self.images[index].float().div_(255.0),
             "targets": {name: t[index] for name, t in self.targets.items()},
         }
-
-    def positions_of(self, ids: Sequence[int]) -> list[int]:
-        """Row positions of the given sample ids (KeyError names the first unknown id)."""
-        try:
-            return [self._position[int(i)] for i in ids]
-        except KeyError as err:
-            raise KeyError(f"unknown sample id {err.args[0]} in split {self.split!r}") from None
 
     def subset(self, positions: Sequence[int] | Tensor) -> MultiTaskArrays:
         """A new split holding only the given row positions (ids unchanged)."""

@@ -249,15 +249,6 @@ def render_dense(seed: int, sample_id: int, size: int) -> dict[str, np.ndarray]:
     }
 
 
-def _check_sizes(n_train: int, n_test: int, image_size: int) -> None:
-    if n_train < 1 or n_test < 1:
-        raise ConfigError(f"n_train and n_test must be >= 1 (got {n_train}, {n_test})")
-    if n_train > TEST_ID_OFFSET:
-        raise ConfigError(f"n_train must be <= {TEST_ID_OFFSET}")
-    if image_size < 16:
-        raise ConfigError(f"image_size must be >= 16 pixels (got {image_size})")
-
-
 def make_classification_split(seed: int, ids: np.ndarray, size: int, split: str) -> MultiTaskArrays:
     """Render the given sample ids of ``synthetic`` into an in-memory split."""
     images = np.empty((len(ids), 3, size, size), np.uint8)
@@ -282,8 +273,38 @@ def make_dense_split(seed: int, ids: np.ndarray, size: int, split: str) -> Multi
     return MultiTaskArrays(images, stack, torch.from_numpy(ids), split)
 
 
-def _split_ids(n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.arange(n_train, dtype=np.int64), TEST_ID_OFFSET + np.arange(n_test, dtype=np.int64)
+def _build(
+    name: str,
+    tasks: list[TaskSpec],
+    make_split: Any,
+    n_train: int,
+    n_test: int,
+    image_size: int,
+    seed: int,
+    unknown: dict[str, Any],
+) -> DatasetBundle:
+    if unknown:
+        raise ConfigError(
+            f"data set {name!r} does not take option(s) {', '.join(sorted(unknown))}; "
+            "accepted: n_train, n_test, image_size, seed"
+        )
+    if n_train < 1 or n_test < 1:
+        raise ConfigError(f"n_train and n_test must be >= 1 (got {n_train}, {n_test})")
+    if n_train > TEST_ID_OFFSET:
+        raise ConfigError(f"n_train must be <= {TEST_ID_OFFSET}")
+    if image_size < 16:
+        raise ConfigError(f"image_size must be >= 16 pixels (got {image_size})")
+    train_ids = np.arange(n_train, dtype=np.int64)
+    test_ids = TEST_ID_OFFSET + np.arange(n_test, dtype=np.int64)
+    return DatasetBundle(
+        name=name,
+        tasks=tasks,
+        train=make_split(seed, train_ids, image_size, "train"),
+        test=make_split(seed, test_ids, image_size, "test"),
+        in_channels=3,
+        image_size=image_size,
+        options={"n_train": n_train, "n_test": n_test, "image_size": image_size, "seed": seed},
+    )
 
 
 @DATASETS.register("synthetic")
@@ -296,17 +317,15 @@ def build_synthetic(
     **unknown: Any,
 ) -> DatasetBundle:
     """The embedded classification set: 11 binary + 3 multi-class tasks, 32 px RGB by default."""
-    _reject_unknown("synthetic", unknown)
-    _check_sizes(n_train, n_test, image_size)
-    train_ids, test_ids = _split_ids(n_train, n_test)
-    return DatasetBundle(
-        name="synthetic",
-        tasks=classification_tasks(),
-        train=make_classification_split(seed, train_ids, image_size, "train"),
-        test=make_classification_split(seed, test_ids, image_size, "test"),
-        in_channels=3,
-        image_size=image_size,
-        options={"n_train": n_train, "n_test": n_test, "image_size": image_size, "seed": seed},
+    return _build(
+        "synthetic",
+        classification_tasks(),
+        make_classification_split,
+        n_train,
+        n_test,
+        image_size,
+        seed,
+        unknown,
     )
 
 
@@ -320,23 +339,13 @@ def build_synthetic_dense(
     **unknown: Any,
 ) -> DatasetBundle:
     """The embedded dense set (NYUv2-style): segmentation (4 classes), depth, normals."""
-    _reject_unknown("synthetic_dense", unknown)
-    _check_sizes(n_train, n_test, image_size)
-    train_ids, test_ids = _split_ids(n_train, n_test)
-    return DatasetBundle(
-        name="synthetic_dense",
-        tasks=dense_tasks(),
-        train=make_dense_split(seed, train_ids, image_size, "train"),
-        test=make_dense_split(seed, test_ids, image_size, "test"),
-        in_channels=3,
-        image_size=image_size,
-        options={"n_train": n_train, "n_test": n_test, "image_size": image_size, "seed": seed},
+    return _build(
+        "synthetic_dense",
+        dense_tasks(),
+        make_dense_split,
+        n_train,
+        n_test,
+        image_size,
+        seed,
+        unknown,
     )
-
-
-def _reject_unknown(name: str, unknown: dict[str, Any]) -> None:
-    if unknown:
-        raise ConfigError(
-            f"data set {name!r} does not take option(s) {', '.join(sorted(unknown))}; "
-            "accepted: n_train, n_test, image_size, seed"
-        )
