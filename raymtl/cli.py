@@ -50,7 +50,24 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default="synthetic",
         help=f"data set name (default: synthetic); one of: {', '.join(DATASETS.names())}",
     )
-    group.add_argument("--data-root", default=None, help="folder or URI of a real data set")
+    group.add_argument(
+        "--data-root",
+        default=None,
+        help="folder or URI (s3://...) of a real data set, as distributed or converted",
+    )
+    group.add_argument(
+        "--on-bad-sample",
+        choices=["error", "skip"],
+        default=None,
+        help="real data sets: stop at an unreadable sample, or skip and count it (default: error)",
+    )
+    group.add_argument(
+        "--data-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data set option, e.g. attributes=Smiling,Male for celeba (repeatable)",
+    )
     group.add_argument(
         "--n-train", type=positive_int, default=None, help="synthetic: training samples"
     )
@@ -64,7 +81,21 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
     """The data set options given on the command line (unset ones are left to the data set)."""
     options = {"n_train": args.n_train, "n_test": args.n_test, "image_size": args.image_size}
     options = {k: v for k, v in options.items() if v is not None}
+    if args.on_bad_sample is not None:
+        options["on_bad_sample"] = args.on_bad_sample
+    options.update(parse_data_options(args.data_option))
     options["seed"] = args.seed
+    return options
+
+
+def parse_data_options(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE strings from --data-option into a dict (ConfigError on a malformed item)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--data-option expects KEY=VALUE, got {item!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
     return options
 
 

@@ -180,6 +180,8 @@ def evaluate(
     loss_sums = torch.zeros(len(tasks), dtype=torch.float64)
     count = 0
     for batch in make_loader(dataset, batch_size, shuffle=False, pin=device.type == "cuda"):
+        if batch is None:  # every sample of the batch was skipped as bad
+            continue
         batch = to_device(batch, device)
         outputs = model(batch["image"])
         n = len(batch["image"])
@@ -247,6 +249,8 @@ def fit(
         epoch_losses = torch.zeros(len(tasks), dtype=torch.float64)
         batches = 0
         for batch in loader:
+            if batch is None:
+                continue
             batch = to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 outputs = model(batch["image"])

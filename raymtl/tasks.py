@@ -32,12 +32,14 @@ IGNORE_INDEX = 255
 class TaskSpec:
     """One task of a multi-task data set.
 
-    kind: binary | multiclass | segmentation | depth | normals; num_classes for the class-based kinds.
+    kind: binary | multiclass | segmentation | depth | normals; num_classes for the class-based kinds;
+    headline: a higher-is-better metric that replaces the kind's default primary metric (e.g. roc_auc).
     """
 
     name: str
     kind: str
     num_classes: int = 2
+    headline: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -66,7 +68,7 @@ class TaskSpec:
     @property
     def primary_metric(self) -> str:
         """Name of the headline, higher-is-better metric."""
-        return PRIMARY_METRIC[self.kind]
+        return self.headline or PRIMARY_METRIC[self.kind]
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-sample loss, shape [B]."""

@@ -139,7 +139,10 @@ def test_train_cli_writes_config_metrics_and_tensorboard(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--dataset", "celebb"], "unknown dataset 'celebb'; available: synthetic"),
+        (
+            ["--dataset", "celebb"],
+            "unknown dataset 'celebb'; available: celeba, chestxray14, nyuv2, synthetic, synthetic_dense, utkface",
+        ),
         (["--backbone", "resnet19"], "unknown backbone 'resnet19'; available: densenet121"),
         (["--weighting", "nash"], "unknown weighting strategy 'nash'; available: aligned_mtl"),
         (["--lr", "-1"], "argument --lr: expected a positive number, got '-1'"),

@@ -102,7 +102,10 @@ def _run_tune(*args, cwd):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--dataset", "celebb"], "unknown dataset 'celebb'; available: synthetic"),
+        (
+            ["--dataset", "celebb"],
+            "unknown dataset 'celebb'; available: celeba, chestxray14, nyuv2, synthetic, synthetic_dense, utkface",
+        ),
         (["--backbone", "resnet19"], "unknown backbone 'resnet19'; available: densenet121"),
         (["--num-samples", "0"], "argument --num-samples: expected a positive integer, got '0'"),
         (["--scheduler", "pbt"], "argument --scheduler: invalid choice: 'pbt'"),

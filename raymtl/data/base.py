@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from raymtl.errors import ConfigError
 from raymtl.registry import Registry
 from raymtl.tasks import TaskSpec
 
@@ -63,23 +64,27 @@ class MultiTaskArrays(Dataset):
             "targets": {name: t[index] for name, t in self.targets.items()},
         }
 
-    def subset(self, positions: Sequence[int] | Tensor) -> MultiTaskArrays:
+    def subset(
+        self, positions: Sequence[int] | Tensor, split: str | None = None
+    ) -> MultiTaskArrays:
         """A new split holding only the given row positions (ids unchanged)."""
         index = torch.as_tensor(positions, dtype=torch.long)
         return MultiTaskArrays(
             self.images[index],
             {k: v[index] for k, v in self.targets.items()},
             self.ids[index],
-            self.split,
+            split or self.split,
             {k: v[index.numpy()] for k, v in self.factors.items()},
         )
 
 
-def collate_batch(batch: Any) -> dict[str, Any]:
-    """Collate for DataLoader: pass batches from ``__getitems__`` through, stack lists otherwise."""
+def collate_batch(batch: Any) -> dict[str, Any] | None:
+    """Collate for DataLoader: pass batches from ``__getitems__`` through, stack lists otherwise,
+    dropping samples skipped as bad (None); None if every sample of the batch was bad."""
     if isinstance(batch, dict):
         return batch
-    return torch.utils.data.default_collate(batch)
+    kept = [sample for sample in batch if sample is not None]
+    return torch.utils.data.default_collate(kept) if kept else None
 
 
 @dataclass
@@ -93,6 +98,7 @@ class DatasetBundle:
     in_channels: int
     image_size: int
     options: dict[str, Any] = field(default_factory=dict)
+    source: Any = None  # a files.FileSource for real-format data sets (used by Ray Data pipelines)
 
     def task(self, name: str) -> TaskSpec:
         """The task called ``name``."""
@@ -121,3 +127,11 @@ def split_validation(
     )
     held_out.split = "val"
     return rest, held_out
+
+
+def reject_unknown_options(name: str, unknown: dict[str, Any], accepted: str) -> None:
+    """ConfigError if a data set was given options it does not take."""
+    if unknown:
+        raise ConfigError(
+            f"data set {name!r} does not take option(s) {', '.join(sorted(unknown))}; accepted: {accepted}"
+        )

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raymtl.data.base import DATASETS, DatasetBundle, MultiTaskArrays
+from raymtl.data.base import DATASETS, DatasetBundle, MultiTaskArrays, reject_unknown_options
 from raymtl.errors import ConfigError
 from raymtl.tasks import TaskSpec
 
@@ -283,11 +283,7 @@ def _build(
     seed: int,
     unknown: dict[str, Any],
 ) -> DatasetBundle:
-    if unknown:
-        raise ConfigError(
-            f"data set {name!r} does not take option(s) {', '.join(sorted(unknown))}; "
-            "accepted: n_train, n_test, image_size, seed"
-        )
+    reject_unknown_options(name, unknown, "n_train, n_test, image_size, seed")
     if n_train < 1 or n_test < 1:
         raise ConfigError(f"n_train and n_test must be >= 1 (got {n_train}, {n_test})")
     if n_train > TEST_ID_OFFSET:

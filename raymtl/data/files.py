@@ -1,0 +1,430 @@
+"""Data sets read from their publishers' files: shared machinery for every real-format reader.
+
+A ``FileFormat`` says how to index a data set's folder (sample id, split, relative file paths,
+labels) and how to decode one sample from its files' bytes. From that one definition come the
+torch Datasets (raw folder or converted Parquet shards), the Parquet converter and the Ray Data
+pipelines, so all of them yield identical samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from raymtl.data.base import DatasetBundle
+from raymtl.errors import ConfigError
+from raymtl.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+BAD_SAMPLE_POLICIES = ("error", "skip")
+
+
+class BadSampleError(ValueError):
+    """One sample cannot be read or decoded; the message names the file and the problem."""
+
+
+class DataRoot:
+    """A data set's root folder: a local path or any URI that pyarrow understands (s3://, file://)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        text = str(root)
+        self.uri = text
+        if "://" in text:
+            try:
+                self.fs, self.base = pafs.FileSystem.from_uri(text)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise ConfigError(f"--data-root {text}: cannot open: {err}") from None
+            self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        else:
+            self.fs, self.base, self.local = pafs.LocalFileSystem(), os.path.abspath(text), True
+        self.base = self.base.rstrip("/")
+
+    def path(self, relative: str) -> str:
+        """Absolute path (within the filesystem) of a relative path."""
+        return f"{self.base}/{relative}" if relative else self.base
+
+    def is_dir(self, relative: str = "") -> bool:
+        """True if the relative path is an existing folder."""
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.Directory
+
+    def is_file(self, relative: str) -> bool:
+        """True if the relative path is an existing file."""
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
+
+    def list_files(self, relative: str = "") -> list[str]:
+        """Names of the files directly inside a folder (sorted)."""
+        if self.local:
+            with os.scandir(self.path(relative)) as entries:
+                return sorted(e.name for e in entries if e.is_file())
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(relative)))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def list_dirs(self, relative: str = "") -> list[str]:
+        """Names of the folders directly inside a folder (sorted)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(relative)))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def read_bytes(self, relative: str) -> bytes:
+        """The whole file."""
+        if self.local:
+            with open(self.path(relative), "rb") as handle:
+                return handle.read()
+        with self.fs.open_input_stream(self.path(relative)) as handle:
+            return handle.read()
+
+    def read_text(self, relative: str) -> str:
+        """The whole file as UTF-8 text."""
+        return self.read_bytes(relative).decode("utf-8")
+
+    def require_dir(self, relative: str, what: str) -> None:
+        """ConfigError unless the folder exists."""
+        if not self.is_dir(relative):
+            raise ConfigError(f"{self.path(relative)}: missing folder ({what})")
+
+    def require_file(self, relative: str, what: str) -> None:
+        """ConfigError unless the file exists."""
+        if not self.is_file(relative):
+            raise ConfigError(f"{self.path(relative)}: missing file ({what})")
+
+
+def hashed_id(key: str) -> int:
+    """A stable non-negative 63-bit id from a string key (the file's name within the data set)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def seeded_fraction(sample_id: int, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, id): splits that do not depend on file order."""
+    digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+# ---------------------------------------------------------------- image preprocessing
+
+
+def decode_image(data: bytes, mode: str, name: str) -> Image.Image:
+    """Decode JPEG/PNG bytes to a PIL image in ``mode`` ('RGB' or 'L'); BadSampleError if corrupt."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadSampleError(f"{name}: cannot decode image: {err}") from None
+    return image.convert(mode) if image.mode != mode else image
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Crop the central size×size square (or as much as fits)."""
+    width, height = image.size
+    left, top = max(0, (width - size) // 2), max(0, (height - size) // 2)
+    return image.crop((left, top, left + min(size, width), top + min(size, height)))
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` (bilinear, antialiased)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(new, Image.BILINEAR) if new != image.size else image
+
+
+def to_chw_uint8(image: Image.Image) -> np.ndarray:
+    """PIL image to a uint8 array [C, H, W]."""
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def crop_and_flip(
+    image: np.ndarray, size: int, train: bool, rng: np.random.Generator | None, flip: bool
+) -> np.ndarray:
+    """Random crop (+ horizontal flip) for training, centre crop otherwise; image is [C, H, W]."""
+    _, height, width = image.shape
+    if train and rng is not None:
+        top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+    out = image[:, top : top + size, left : left + size]
+    if train and flip and rng is not None and rng.random() < 0.5:
+        out = out[:, :, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def load_npy(data: bytes, name: str) -> np.ndarray:
+    """Decode .npy bytes; BadSampleError if malformed."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise BadSampleError(f"{name}: cannot read .npy: {err}") from None
+
+
+# ---------------------------------------------------------------- formats
+
+
+@dataclass
+class FileFormat:
+    """How one publisher's data set is laid out and decoded. Subclasses fill in the three methods.
+
+    ``file_columns`` name the index columns holding relative file paths (the first is the image);
+    ``label_columns`` the scalar label columns (stored as int64).
+    """
+
+    name: str
+    file_columns: tuple[str, ...] = ("image",)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def tasks(self) -> list[TaskSpec]:
+        """The tasks this data set provides (after any task subset option)."""
+        raise NotImplementedError
+
+    @property
+    def label_columns(self) -> list[str]:
+        """Scalar label columns of the index (classification tasks)."""
+        return [t.name for t in self.tasks() if not t.dense]
+
+    def index(self, root: DataRoot) -> pa.Table:
+        """Validate the folder and return its sample table: id, split, file columns, labels."""
+        raise NotImplementedError
+
+    def decode(
+        self, files: dict[str, bytes], train: bool, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One sample's image ([C,H,W], uint8 or float32 in [0,1]) and dense targets from its bytes."""
+        raise NotImplementedError
+
+    in_channels: int = 3
+    image_size: int = 64
+
+
+def read_manifest(root: DataRoot) -> dict[str, Any] | None:
+    """The converter's manifest if ``root`` holds Parquet shards, else None."""
+    if not root.is_file(MANIFEST):
+        return None
+    try:
+        return json.loads(root.read_text(MANIFEST))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{root.path(MANIFEST)}: not valid JSON: {err}") from None
+
+
+def decode_with_path(
+    fmt: FileFormat,
+    files: dict[str, bytes],
+    train: bool,
+    rng: np.random.Generator | None,
+    where: str,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``fmt.decode`` whose BadSampleError names the sample's file (``where``)."""
+    try:
+        return fmt.decode(files, train, rng)
+    except BadSampleError as err:
+        raise BadSampleError(f"{where}: {err}") from None
+
+
+def _sample_from(
+    fmt: FileFormat,
+    files: dict[str, bytes],
+    labels: dict[str, int],
+    sample_id: int,
+    train: bool,
+    rng: np.random.Generator | None,
+    where: str,
+) -> dict[str, Any]:
+    image, dense = decode_with_path(fmt, files, train, rng, where)
+    tensor = torch.from_numpy(image)
+    tensor = tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
+    targets = {name: torch.tensor(value, dtype=torch.long) for name, value in labels.items()}
+    targets.update({name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in dense.items()})
+    return {"id": torch.tensor(sample_id, dtype=torch.long), "image": tensor, "targets": targets}
+
+
+class FileDataset(Dataset):
+    """Samples of a real-format data set, read and decoded one by one (DataLoader workers ok).
+
+    ``rows`` is the index restricted to this split; ``parquet`` (same rows) holds the files' bytes
+    when reading converted shards. With ``on_bad_sample='skip'`` an unreadable sample yields
+    None, which the collate function drops; consumers count what they did not receive.
+    """
+
+    def __init__(
+        self,
+        fmt: FileFormat,
+        root: DataRoot,
+        rows: pa.Table,
+        split: str,
+        on_bad_sample: str = "error",
+        parquet: pa.Table | None = None,
+    ) -> None:
+        self.format, self.root, self.rows, self.split = fmt, root, rows, split
+        self.train = split == "train"
+        self.on_bad_sample = on_bad_sample
+        self.parquet = parquet
+        self.ids = torch.tensor(rows["id"].to_numpy(), dtype=torch.long)
+        self.labels = {c: rows[c].to_numpy() for c in fmt.label_columns}
+        self.paths = {c: rows[c].to_pylist() for c in fmt.file_columns}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(
+        self, positions: Sequence[int] | torch.Tensor, split: str | None = None
+    ) -> FileDataset:
+        """The given row positions as a new dataset (``split`` other than 'train': no augmentation)."""
+        take = pa.array(np.asarray(positions, dtype=np.int64))
+        parquet = self.parquet.take(take) if self.parquet is not None else None
+        return FileDataset(
+            self.format,
+            self.root,
+            self.rows.take(take),
+            split or self.split,
+            self.on_bad_sample,
+            parquet,
+        )
+
+    def file_bytes(self, position: int) -> dict[str, bytes]:
+        """The raw bytes of one sample's files."""
+        if self.parquet is not None:
+            return {
+                c: self.parquet[f"{c}_bytes"][position].as_py() for c in self.format.file_columns
+            }
+        out = {}
+        for column in self.format.file_columns:
+            relative = self.paths[column][position]
+            try:
+                out[column] = self.root.read_bytes(relative)
+            except OSError as err:
+                raise BadSampleError(
+                    f"{self.root.path(relative)}: cannot read: {err.strerror or err}"
+                ) from None
+        return out
+
+    def __getitem__(self, position: int) -> dict[str, Any] | None:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()))) if self.train else None
+        labels = {c: int(v[position]) for c, v in self.labels.items()}
+        try:
+            where = self.root.path(self.paths[self.format.file_columns[0]][position])
+            return _sample_from(
+                self.format,
+                self.file_bytes(position),
+                labels,
+                int(self.ids[position]),
+                self.train,
+                rng,
+                where,
+            )
+        except BadSampleError as err:
+            if self.on_bad_sample == "error":
+                raise
+            log.warning("skipping bad sample: %s", err)
+            return None
+
+
+@dataclass
+class FileSource:
+    """Where a real-format bundle's samples come from, for the Ray Data pipelines."""
+
+    format: FileFormat
+    root: DataRoot
+    index: pa.Table
+    parquet_files: list[str] | None = None  # relative shard paths when reading converted data
+
+
+def build_file_bundle(
+    fmt: FileFormat, root: str | None, on_bad_sample: str = "error"
+) -> DatasetBundle:
+    """Index a raw folder (or converted Parquet shards) and wrap its splits as torch Datasets."""
+    if root is None:
+        raise ConfigError(
+            f"data set {fmt.name!r} needs --data-root (the folder as its publisher distributes it)"
+        )
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ConfigError(
+            f"--on-bad-sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, got {on_bad_sample!r}"
+        )
+    data_root = DataRoot(root)
+    if not data_root.is_dir():
+        raise ConfigError(f"{data_root.path('')}: missing folder (the {fmt.name} data root)")
+    manifest = read_manifest(data_root)
+    parquet, shards = None, None
+    if manifest is not None:
+        if manifest.get("dataset") != fmt.name:
+            raise ConfigError(
+                f"{data_root.path(MANIFEST)}: holds data set {manifest.get('dataset')!r}, not {fmt.name!r}"
+            )
+        shards = [s["path"] for s in manifest["shards"]]
+        parquet = read_parquet_shards(data_root, shards)
+        index = parquet.drop_columns([f"{c}_bytes" for c in fmt.file_columns])
+    else:
+        index = fmt.index(data_root)
+    splits = sorted(set(index["split"].to_pylist()))
+    if "train" not in splits or "test" not in splits:
+        raise ConfigError(
+            f"{data_root.path('')}: found splits {splits}; a train and a test split are needed"
+        )
+    return DatasetBundle(
+        name=fmt.name,
+        tasks=fmt.tasks(),
+        train=_split(fmt, data_root, index, "train", on_bad_sample, parquet),
+        test=_split(fmt, data_root, index, "test", on_bad_sample, parquet),
+        in_channels=fmt.in_channels,
+        image_size=fmt.image_size,
+        options={
+            "root": data_root.uri,
+            "on_bad_sample": on_bad_sample,
+            "source": "parquet" if manifest else "raw",
+            **fmt.options,
+        },
+        source=FileSource(fmt, data_root, index, shards),
+    )
+
+
+def _split(
+    fmt: FileFormat,
+    root: DataRoot,
+    index: pa.Table,
+    split: str,
+    on_bad_sample: str,
+    parquet: pa.Table | None,
+) -> FileDataset:
+    mask = pc.equal(index["split"], split)
+    return FileDataset(
+        fmt,
+        root,
+        index.filter(mask),
+        split,
+        on_bad_sample,
+        parquet.filter(mask) if parquet is not None else None,
+    )
+
+
+def read_parquet_shards(root: DataRoot, shards: list[str]) -> pa.Table:
+    """Concatenate converted shards (memory-mapped when local, so image bytes stay out of RSS)."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for shard in shards:
+        if root.local:
+            tables.append(pq.read_table(root.path(shard), memory_map=True))
+        else:
+            tables.append(pq.read_table(root.path(shard), filesystem=root.fs))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def index_table(rows: dict[str, list[Any]]) -> pa.Table:
+    """Build an index table with int64 id/labels and string split/paths, sorted by id."""
+    table = pa.table(
+        {k: pa.array(v, type=pa.int64() if k == "id" else None) for k, v in rows.items()}
+    )
+    return table.sort_by("id")
