@@ -98,3 +98,16 @@ def test_tune_study_runs_on_a_real_format_data_set(ray_cluster, roots, tmp_path)
     best = json.loads((run_dir / "best.json").read_text())
     assert set(best["test"]["tasks"]) == {"age", "gender", "race"}
     assert "dataset:\n  name: utkface" in (run_dir / "config.yaml").read_text()
+
+
+def test_data_root_may_be_a_uri(ray_cluster, roots):
+    from raymtl.scale.data import ids_and_labels, ray_dataset
+
+    for key in ("celeba", "celeba_pq"):
+        by_path = build_dataset("celeba", str(roots[key]))
+        by_uri = build_dataset("celeba", roots[key].as_uri())
+        assert by_uri.source.root.uri.startswith("file://")
+        assert by_uri.test.ids.tolist() == by_path.test.ids.tolist()
+        assert torch.equal(by_uri.test[0]["image"], by_path.test[0]["image"])
+        delivered = ids_and_labels(ray_dataset(by_uri, "train"), by_uri)
+        assert delivered["id"].to_pylist() == sorted(by_path.train.ids.tolist())

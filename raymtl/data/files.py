@@ -253,9 +253,9 @@ def _sample_from(
 class FileDataset(Dataset):
     """Samples of a real-format data set, read and decoded one by one (DataLoader workers ok).
 
-    ``rows`` is the index restricted to this split; ``parquet`` (same rows) holds the files' bytes
-    when reading converted shards. With ``on_bad_sample='skip'`` an unreadable sample yields
-    None, which the collate function drops; consumers count what they did not receive.
+    ``rows`` is the index restricted to this split; with converted shards, ``parquet`` gives the
+    files' bytes by global row (index column ``_row``). With ``on_bad_sample='skip'`` an unreadable
+    sample yields None, which the collate function drops; consumers count what they did not get.
     """
 
     def __init__(
@@ -265,7 +265,7 @@ class FileDataset(Dataset):
         rows: pa.Table,
         split: str,
         on_bad_sample: str = "error",
-        parquet: pa.Table | None = None,
+        parquet: ParquetBytes | None = None,
     ) -> None:
         self.format, self.root, self.rows, self.split = fmt, root, rows, split
         self.train = split == "train"
@@ -283,22 +283,19 @@ class FileDataset(Dataset):
     ) -> FileDataset:
         """The given row positions as a new dataset (``split`` other than 'train': no augmentation)."""
         take = pa.array(np.asarray(positions, dtype=np.int64))
-        parquet = self.parquet.take(take) if self.parquet is not None else None
         return FileDataset(
             self.format,
             self.root,
             self.rows.take(take),
             split or self.split,
             self.on_bad_sample,
-            parquet,
+            self.parquet,
         )
 
     def file_bytes(self, position: int) -> dict[str, bytes]:
         """The raw bytes of one sample's files."""
         if self.parquet is not None:
-            return {
-                c: self.parquet[f"{c}_bytes"][position].as_py() for c in self.format.file_columns
-            }
+            return self.parquet.row(int(self.rows["_row"][position].as_py()))
         out = {}
         for column in self.format.file_columns:
             relative = self.paths[column][position]
@@ -329,6 +326,65 @@ class FileDataset(Dataset):
                 raise
             log.warning("skipping bad sample: %s", err)
             return None
+
+
+class ShardRowReader:
+    """Reads single rows' file bytes from converted shards, one row group at a time (cached).
+
+    Used by pipelines that walk the index in order: each row group is read once per task.
+    """
+
+    def __init__(
+        self, root: DataRoot, shards: list[str], file_columns: Sequence[str], cache_size: int = 4
+    ) -> None:
+        self.root, self.shards = root, shards
+        self.columns = [f"{c}_bytes" for c in file_columns]
+        self.cache_size = cache_size
+        self._starts: dict[int, np.ndarray] = {}
+        self._groups: dict[tuple[int, int], pa.Table] = {}
+
+    def row(self, shard: int, offset: int) -> dict[str, bytes]:
+        """The files of row ``offset`` of shard number ``shard``."""
+        import pyarrow.parquet as pq
+
+        if shard not in self._starts:
+            meta = pq.read_metadata(self.root.path(self.shards[shard]), filesystem=self.root.fs)
+            self._starts[shard] = np.cumsum(
+                [0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            )
+        starts = self._starts[shard]
+        group = int(np.searchsorted(starts, offset, side="right") - 1)
+        key = (shard, group)
+        if key not in self._groups:
+            if len(self._groups) >= self.cache_size:
+                self._groups.pop(next(iter(self._groups)))
+            with self.root.fs.open_input_file(self.root.path(self.shards[shard])) as handle:
+                self._groups[key] = pq.ParquetFile(handle).read_row_group(
+                    group, columns=self.columns
+                )
+        table = self._groups[key]
+        local = offset - int(starts[group])
+        return {c.removesuffix("_bytes"): table[c][local].as_py() for c in self.columns}
+
+
+class ParquetBytes:
+    """The encoded files of converted shards, loaded on first use (per process) and kept.
+
+    Only torch Datasets over Parquet need it; indexing and Ray pipelines never load the bytes.
+    """
+
+    def __init__(self, root: DataRoot, shards: list[str], file_columns: Sequence[str]) -> None:
+        self.root, self.shards, self.columns = root, shards, [f"{c}_bytes" for c in file_columns]
+        self._table: pa.Table | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_table": None}  # DataLoader workers load their own copy
+
+    def row(self, row: int) -> dict[str, bytes]:
+        """The files of the row-th sample (in shard order)."""
+        if self._table is None:
+            self._table = read_parquet_shards(self.root, self.shards, self.columns)
+        return {c.removesuffix("_bytes"): self._table[c][row].as_py() for c in self.columns}
 
 
 @dataclass
@@ -364,8 +420,16 @@ def build_file_bundle(
                 f"{data_root.path(MANIFEST)}: holds data set {manifest.get('dataset')!r}, not {fmt.name!r}"
             )
         shards = [s["path"] for s in manifest["shards"]]
-        parquet = read_parquet_shards(data_root, shards)
-        index = parquet.drop_columns([f"{c}_bytes" for c in fmt.file_columns])
+        parquet = ParquetBytes(data_root, shards, fmt.file_columns)
+        small = [n for n in _schema_names(data_root, shards[0]) if not n.endswith("_bytes")]
+        index = read_parquet_shards(data_root, shards, small)
+        index = index.append_column("_row", pa.array(np.arange(len(index), dtype=np.int64)))
+        sizes = [int(s["rows"]) for s in manifest["shards"]]
+        index = index.append_column("_shard", pa.array(np.repeat(np.arange(len(sizes)), sizes)))
+        index = index.append_column(
+            "_offset",
+            pa.array(np.concatenate([np.arange(n) for n in sizes] or [[]]).astype(np.int64)),
+        )
     else:
         index = fmt.index(data_root)
     splits = sorted(set(index["split"].to_pylist()))
@@ -396,29 +460,25 @@ def _split(
     index: pa.Table,
     split: str,
     on_bad_sample: str,
-    parquet: pa.Table | None,
+    parquet: ParquetBytes | None,
 ) -> FileDataset:
-    mask = pc.equal(index["split"], split)
-    return FileDataset(
-        fmt,
-        root,
-        index.filter(mask),
-        split,
-        on_bad_sample,
-        parquet.filter(mask) if parquet is not None else None,
-    )
+    rows = index.filter(pc.equal(index["split"], split))
+    return FileDataset(fmt, root, rows, split, on_bad_sample, parquet)
 
 
-def read_parquet_shards(root: DataRoot, shards: list[str]) -> pa.Table:
-    """Concatenate converted shards (memory-mapped when local, so image bytes stay out of RSS)."""
+def _schema_names(root: DataRoot, shard: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    tables = []
-    for shard in shards:
-        if root.local:
-            tables.append(pq.read_table(root.path(shard), memory_map=True))
-        else:
-            tables.append(pq.read_table(root.path(shard), filesystem=root.fs))
+    return pq.read_schema(root.path(shard), filesystem=root.fs).names
+
+
+def read_parquet_shards(
+    root: DataRoot, shards: list[str], columns: list[str] | None = None
+) -> pa.Table:
+    """Concatenate the given columns of converted shards, in shard order."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(root.path(s), columns=columns, filesystem=root.fs) for s in shards]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

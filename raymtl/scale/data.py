@@ -16,17 +16,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from ray.data.expressions import col
 
 from raymtl.data.base import DatasetBundle
-from raymtl.data.files import BadSampleError, DataRoot, FileFormat, FileSource, decode_with_path
+from raymtl.data.files import (
+    BadSampleError,
+    DataRoot,
+    FileFormat,
+    FileSource,
+    ShardRowReader,
+    decode_with_path,
+)
 from raymtl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 class DecodeBatch:
-    """map_batches callable: bytes (read from files or taken from Parquet) -> decoded columns."""
+    """map_batches callable: a block of index rows -> decoded columns (id, image, labels...)."""
 
     def __init__(
         self,
@@ -35,22 +41,21 @@ class DecodeBatch:
         train: bool,
         on_bad_sample: str,
         seed: int | None = None,
+        shards: list[str] | None = None,
     ) -> None:
-        self.format, self.root_uri, self.train, self.on_bad_sample = (
-            fmt,
-            root_uri,
-            train,
-            on_bad_sample,
-        )
-        self.seed = seed
+        self.format, self.root_uri, self.train = fmt, root_uri, train
+        self.on_bad_sample, self.seed, self.shards = on_bad_sample, seed, shards
         self._root: DataRoot | None = None
+        self._shard_reader: ShardRowReader | None = None
 
     def _bytes(self, batch: dict[str, np.ndarray], row: int) -> dict[str, bytes]:
         fmt = self.format
-        if f"{fmt.file_columns[0]}_bytes" in batch:
-            return {c: batch[f"{c}_bytes"][row] for c in fmt.file_columns}
         if self._root is None:
             self._root = DataRoot(self.root_uri)
+        if self.shards is not None:  # converted data: read the row from its shard's row group
+            if self._shard_reader is None:
+                self._shard_reader = ShardRowReader(self._root, self.shards, fmt.file_columns)
+            return self._shard_reader.row(int(batch["_shard"][row]), int(batch["_offset"][row]))
         files = {}
         for column in fmt.file_columns:
             relative = str(batch[column][row])
@@ -112,24 +117,20 @@ def ray_dataset(
     rows_per_block: int = 1024,
     on_bad_sample: str | None = None,
 ) -> ray.data.Dataset:
-    """A streaming Ray Dataset of decoded samples of ``split`` (columns: id, image, labels...)."""
+    """A streaming Ray Dataset of decoded samples of ``split`` (columns: id, image, labels...).
+
+    Only the small index (ids, labels, file paths or shard positions) enters Ray; each task reads
+    and decodes its rows' files (raw folder) or its rows' shard row groups (converted data).
+    """
     source = _source(bundle)
-    fmt = source.format
     train = (split == "train") if train is None else train
     policy = on_bad_sample or bundle.options.get("on_bad_sample", "error")
-    decode = DecodeBatch(fmt, source.root.uri, train, policy)
-    if source.parquet_files is not None:
-        paths = [source.root.path(p) for p in source.parquet_files]
-        dataset = ray.data.read_parquet(paths, filesystem=source.root.fs).filter(
-            expr=col("split") == split
-        )
-    else:
-        rows = source.index.filter(pc.equal(source.index["split"], split))
-        blocks = [
-            rows.slice(start, rows_per_block) for start in range(0, len(rows), rows_per_block)
-        ]
-        dataset = ray.data.from_arrow(blocks or [rows])
-    return dataset.map_batches(decode, batch_size=64, batch_format="numpy")
+    decode = DecodeBatch(source.format, source.root.uri, train, policy, shards=source.parquet_files)
+    rows = source.index.filter(pc.equal(source.index["split"], split))
+    blocks = [rows.slice(start, rows_per_block) for start in range(0, len(rows), rows_per_block)]
+    return ray.data.from_arrow(blocks or [rows]).map_batches(
+        decode, batch_size=64, batch_format="numpy"
+    )
 
 
 def iter_engine_batches(

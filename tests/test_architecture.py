@@ -1,0 +1,25 @@
+"""The core is plain PyTorch: importing it never imports Ray (only raymtl.tune and raymtl.scale do)."""
+
+import pkgutil
+import subprocess
+import sys
+
+import raymtl
+
+RAY_LAYER = ("raymtl.tune", "raymtl.scale")
+
+
+def test_core_modules_do_not_import_ray():
+    core = [
+        m.name
+        for m in pkgutil.walk_packages(raymtl.__path__, "raymtl.")
+        if not m.name.startswith(RAY_LAYER) and not m.name.endswith("__main__")
+    ]
+    assert "raymtl.engine" in core and "raymtl.data.celeba" in core
+    code = "import importlib, sys\n" + "".join(
+        f"importlib.import_module({name!r})\n" for name in core
+    )
+    code += "print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
