@@ -1,0 +1,246 @@
+"""Base methods MTL-UE plugs into (and the per-sample PGD baselines use): EM, TAP, SEP.
+
+Each base gives a loss on (perturbed images, labels) that generating δ *minimises*, and an
+end-of-epoch hook that may train its surrogate and says when to stop.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raymtl.data.base import MultiTaskArrays
+from raymtl.engine import TrainConfig, fit
+from raymtl.models import create_model
+from raymtl.registry import Registry
+from raymtl.tasks import TaskSpec
+
+PerturbFn = Callable[[Tensor, dict[str, Tensor], Tensor], Tensor]  # (images, targets, ids) -> δ
+
+
+@dataclass
+class SurrogateConfig:
+    """How the surrogate / clean models are built and trained."""
+
+    backbone: str = "small_cnn"
+    clean_epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    em_steps_per_epoch: int = 2
+    em_stop_error: float = 0.01
+    tap_stop_error: float = 0.9
+    sep_checkpoints: int = 4
+    sep_stop_error: float = 0.99
+    device: str = "cpu"
+    seed: int = 0
+
+
+def target_labels(task: TaskSpec, labels: Tensor) -> Tensor:
+    """TAP's targets: binary -> flipped label; C classes -> (y + ⌊C/2⌋) mod C."""
+    if task.kind == "binary":
+        return 1 - labels
+    return (labels + task.num_classes // 2) % task.num_classes
+
+
+def mean_task_loss(
+    model: nn.Module, images: Tensor, targets: dict[str, Tensor], tasks: Sequence[TaskSpec]
+) -> Tensor:
+    """Mean over tasks of each task's mean loss."""
+    outputs = model(images)
+    return torch.stack([t.loss(outputs[t.name], targets[t.name]).mean() for t in tasks]).mean()
+
+
+@torch.no_grad()
+def mean_error(
+    models: Sequence[nn.Module],
+    perturb: PerturbFn,
+    data: MultiTaskArrays,
+    tasks: Sequence[TaskSpec],
+    limit: int = 1024,
+) -> float:
+    """Mean over tasks (and models) of the error on true labels of x+δ for the first ``limit`` samples."""
+    batch = data.__getitems__(list(range(min(limit, len(data)))))
+    images = batch["image"] + perturb(batch["image"], batch["targets"], batch["id"])
+    errors = []
+    for model in models:
+        model.eval()
+        outputs = model(images)
+        for t in tasks:
+            out = outputs[t.name]
+            predicted = (out.squeeze(1) > 0).long() if t.kind == "binary" else out.argmax(1)
+            errors.append((predicted != batch["targets"][t.name]).float().mean())
+    return float(torch.stack(errors).mean())
+
+
+class UEBase:
+    """A base method: ``loss`` to minimise over δ; ``after_epoch`` trains surrogates / stops."""
+
+    name = "base"
+
+    def __init__(
+        self, tasks: Sequence[TaskSpec], in_channels: int, image_size: int, config: SurrogateConfig
+    ) -> None:
+        self.tasks, self.in_channels, self.image_size, self.config = (
+            list(tasks),
+            in_channels,
+            image_size,
+            config,
+        )
+
+    def new_model(self) -> nn.Module:
+        """A fresh surrogate network."""
+        return create_model(self.config.backbone, self.tasks, self.in_channels, self.image_size)
+
+    def prepare(self, train: MultiTaskArrays) -> None:
+        """Train whatever the base needs before generation starts."""
+
+    def prepare_for_resume(self, train: MultiTaskArrays) -> None:
+        """Build (untrained) surrogates whose weights ``load_state_dict`` will restore."""
+
+    def loss(self, perturbed: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        """The quantity generation minimises."""
+        raise NotImplementedError
+
+    def after_epoch(self, perturb: PerturbFn, train: MultiTaskArrays) -> bool:
+        """Called after each generation epoch; return True to stop early."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (surrogates)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict``."""
+
+
+UE_BASES: Registry[UEBase] = Registry("base method")
+
+
+def _train_clean(base: UEBase, train: MultiTaskArrays, keep: int = 1) -> list[nn.Module]:
+    """One clean training run; returns ``keep`` evenly spaced checkpoints (the last included)."""
+    cfg = base.config
+    model = base.new_model()
+    epochs = cfg.clean_epochs
+    wanted = {round(epochs * (i + 1) / keep) for i in range(keep)}
+    snapshots: list[nn.Module] = []
+
+    def snapshot(epoch: int, row: dict[str, float]) -> None:
+        if epoch in wanted:
+            frozen = copy.deepcopy(model).eval()
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+            snapshots.append(frozen)
+
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        device=cfg.device,
+        seed=cfg.seed,
+        eval_every=0,
+    )
+    fit(model, train, None, base.tasks, config, snapshot)
+    return snapshots
+
+
+@UE_BASES.register("em")
+class ErrorMinimising(UEBase):
+    """EM (Huang et al. 2021): minimise a surrogate's loss on the true labels; the surrogate is
+    trained alternately on x+δ; stop when its train error <= em_stop_error."""
+
+    name = "em"
+
+    def prepare(self, train: MultiTaskArrays) -> None:
+        torch.manual_seed(self.config.seed)
+        self.surrogate = self.new_model().to(self.config.device)
+        self.optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self.config.lr)
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    def prepare_for_resume(self, train: MultiTaskArrays) -> None:
+        self.prepare(train)  # a fresh surrogate and optimiser; the checkpoint fills them in
+
+    def loss(self, perturbed: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        self.surrogate.eval()
+        return mean_task_loss(self.surrogate, perturbed, targets, self.tasks)
+
+    def train_surrogate(self, perturb: PerturbFn, train: MultiTaskArrays, steps: int) -> None:
+        """``steps`` optimiser steps of the surrogate on random batches of x+δ."""
+        self.surrogate.train()
+        for _ in range(steps):
+            index = torch.randint(
+                0, len(train), (self.config.batch_size,), generator=self._generator
+            )
+            batch = train.__getitems__(index.tolist())
+            with torch.no_grad():
+                delta = perturb(batch["image"], batch["targets"], batch["id"])
+            loss = mean_task_loss(
+                self.surrogate, batch["image"] + delta, batch["targets"], self.tasks
+            )
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+
+    def after_epoch(self, perturb: PerturbFn, train: MultiTaskArrays) -> bool:
+        self.train_surrogate(perturb, train, self.config.em_steps_per_epoch)
+        return mean_error([self.surrogate], perturb, train, self.tasks) <= self.config.em_stop_error
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"surrogate": self.surrogate.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.surrogate.load_state_dict(state["surrogate"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+@UE_BASES.register("tap")
+class TargetedAdversarialPoisoning(UEBase):
+    """TAP (Fowl et al. 2021): push a frozen clean model toward target labels; stop when its
+    error on true labels >= tap_stop_error."""
+
+    name = "tap"
+    checkpoints = 1
+
+    def prepare(self, train: MultiTaskArrays) -> None:
+        self.models = _train_clean(self, train, keep=self.checkpoints)
+
+    def loss(self, perturbed: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        wanted = {t.name: target_labels(t, targets[t.name]) for t in self.tasks}
+        return torch.stack(
+            [mean_task_loss(m, perturbed, wanted, self.tasks) for m in self.models]
+        ).sum()
+
+    def stop_error(self) -> float:
+        """Error on true labels at which generation may stop."""
+        return self.config.tap_stop_error
+
+    def after_epoch(self, perturb: PerturbFn, train: MultiTaskArrays) -> bool:
+        return mean_error(self.models, perturb, train, self.tasks) >= self.stop_error()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"models": [m.state_dict() for m in self.models]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.models = []
+        for weights in state["models"]:
+            model = self.new_model()
+            model.load_state_dict(weights)
+            self.models.append(model.eval().requires_grad_(False))
+
+
+@UE_BASES.register("sep")
+class SelfEnsembleProtection(TargetedAdversarialPoisoning):
+    """SEP (Chen et al. 2023): the TAP loss summed over checkpoints of one clean training run,
+    kept in memory; stop when the ensemble's error >= sep_stop_error."""
+
+    name = "sep"
+
+    def prepare(self, train: MultiTaskArrays) -> None:
+        self.models = _train_clean(self, train, keep=self.config.sep_checkpoints)
+
+    def stop_error(self) -> float:
+        return self.config.sep_stop_error

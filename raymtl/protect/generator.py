@@ -1,0 +1,165 @@
+"""The MTL-UE generator (Yu et al., ICML 2025, Algorithm 1) and its embedding regularisers.
+
+δ = clamp(D([e_{1,y1} … e_{K,yK}, E(x)]), -ε, ε): a ResNet-18-stem encoder E, one learned
+label-prior embedding per (task, class) and a transposed-convolution decoder D. Variants:
+'sample' (embeddings + E(x), the default), 'class' (embeddings only), 'z_only' (E(x) only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from raymtl.errors import ConfigError
+from raymtl.tasks import TaskSpec
+
+VARIANTS = ("sample", "class", "z_only")
+EMBEDDING_CHANNELS = 16
+
+
+def _encoder(in_channels: int, large_input: bool, width: int) -> nn.Sequential:
+    """ResNet-18 stem + layer1 + layer2 (2·width channels), at H/2 (small) or H/8 (large)."""
+    net = torchvision.models.resnet18(weights=None)
+    block = torchvision.models.resnet.BasicBlock
+    net.inplanes = width
+    layer1 = net._make_layer(block, width, 2)
+    layer2 = net._make_layer(block, 2 * width, 2, stride=2)
+    if large_input:
+        stem = [
+            nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        ]
+    else:
+        stem = [
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*stem, layer1, layer2)
+
+
+def _up(cin: int, cout: int) -> list[nn.Module]:
+    return [
+        nn.ConvTranspose2d(cin, cout, 4, 2, 1),
+        nn.InstanceNorm2d(cout, affine=True),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class MTLUEGenerator(nn.Module):
+    """Maps (image, labels of every task) to an ε-bounded perturbation."""
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        in_channels: int,
+        image_size: int,
+        epsilon: float,
+        variant: str = "sample",
+        width: int = 64,
+        unprotected: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ConfigError(
+                f"unknown generator variant {variant!r}; available: {', '.join(VARIANTS)}"
+            )
+        if not 0 < epsilon <= 1:
+            raise ConfigError(f"epsilon must be in (0, 1], got {epsilon}")
+        if any(t.dense for t in tasks):
+            raise ConfigError(
+                "the label-prior embeddings are for classification tasks (dense protection: see issue 5)"
+            )
+        self.tasks, self.epsilon, self.variant = list(tasks), epsilon, variant
+        self.unprotected = set(unprotected)
+        large = image_size >= 128
+        self.scale = 8 if large else 2
+        if image_size % self.scale:
+            raise ConfigError(f"image_size {image_size} must be a multiple of {self.scale}")
+        side = image_size // self.scale
+        self.encoder = _encoder(in_channels, large, width) if variant != "class" else None
+        self.embeddings = (
+            nn.ParameterDict(
+                {
+                    t.name: nn.Parameter(
+                        torch.randn(max(2, t.num_classes), EMBEDDING_CHANNELS, side, side)
+                    )
+                    for t in tasks
+                }
+            )
+            if variant != "z_only"
+            else None
+        )
+        channels = (2 * width if self.encoder is not None else 0) + (
+            EMBEDDING_CHANNELS * len(tasks) if self.embeddings is not None else 0
+        )
+        # A 1x1 channel mix, then the reference's transposed convolutions (x2 for small inputs,
+        # x8 for large ones) with InstanceNorm + ReLU; no tanh/sigmoid: the clamp bounds δ.
+        ups = _up(2 * width, 2 * width) + (
+            _up(2 * width, width) + _up(width, width) if large else []
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(channels, 2 * width, 1),
+            nn.InstanceNorm2d(2 * width, affine=True),
+            nn.ReLU(inplace=True),
+            *ups,
+            nn.Conv2d(width if large else 2 * width, in_channels, 3, padding=1),
+        )
+
+    def label_embeddings(self, targets: dict[str, Tensor], batch: int) -> list[Tensor]:
+        """The embedding chosen by each task's label (unprotected tasks: the mean over classes)."""
+        chosen = []
+        for task in self.tasks:
+            table = self.embeddings[task.name]
+            if task.name in self.unprotected:
+                chosen.append(table.mean(0, keepdim=True).expand(batch, -1, -1, -1))
+            else:
+                chosen.append(table[targets[task.name].long()])
+        return chosen
+
+    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        """δ for a batch, clamped to [-ε, ε] (not added to the images)."""
+        parts = []
+        if self.embeddings is not None:
+            parts += self.label_embeddings(targets, len(images))
+        if self.encoder is not None:
+            parts.append(self.encoder(images))
+        raw = self.decoder(torch.cat(parts, dim=1))
+        if raw.shape[-2:] != images.shape[-2:]:
+            raw = F.interpolate(raw, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return raw.clamp(-self.epsilon, self.epsilon)
+
+
+def _flat_normalised(table: Tensor) -> Tensor:
+    return F.normalize(table.flatten(1), dim=1)
+
+
+def intra_task_loss(generator: MTLUEGenerator) -> Tensor:
+    """λ1 term: per task, mean cosine similarity (+1) between different classes' embeddings."""
+    if generator.embeddings is None:
+        return torch.zeros(())
+    terms = []
+    for table in generator.embeddings.values():
+        z = _flat_normalised(table)
+        cosine = z @ z.t()
+        k = len(z)
+        off_diagonal = cosine[~torch.eye(k, dtype=torch.bool, device=z.device)]
+        terms.append((off_diagonal + 1).mean())
+    return torch.stack(terms).mean()
+
+
+def inter_task_loss(generator: MTLUEGenerator) -> Tensor:
+    """λ2 term: mean |cosine| over all pairs of embeddings that belong to different tasks."""
+    if generator.embeddings is None or len(generator.embeddings) < 2:
+        return torch.zeros(())
+    tables = [_flat_normalised(t) for t in generator.embeddings.values()]
+    owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tables)])
+    z = torch.cat(tables)
+    different = owner[:, None] != owner[None, :]
+    return (z @ z.t()).abs()[different.to(z.device)].mean()

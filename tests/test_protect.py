@@ -1,0 +1,226 @@
+"""Protection: δ bounds, δ keyed by sample id, resuming, regularisers, bad input."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from raymtl.data import build_dataset
+from raymtl.engine import make_loader
+from raymtl.errors import ConfigError
+from raymtl.protect import (
+    PerturbationStore,
+    ProtectConfig,
+    SurrogateConfig,
+    protect,
+    protect_split,
+    write_store,
+)
+from raymtl.protect.bases import target_labels
+from raymtl.protect.generator import MTLUEGenerator, inter_task_loss, intra_task_loss
+from raymtl.protect.store import apply_integer_deltas, quantise_delta
+from raymtl.tasks import TaskSpec
+
+TINY_SURROGATE = SurrogateConfig(clean_epochs=1, sep_checkpoints=2, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_dataset("synthetic", n_train=160, n_test=32, image_size=16)
+
+
+def _config(**kw):
+    settings = {
+        "epochs": 2,
+        "width": 8,
+        "pgd_steps": 2,
+        "batch_size": 64,
+        "surrogate": TINY_SURROGATE,
+    }
+    return ProtectConfig(**{**settings, **kw})
+
+
+@pytest.mark.parametrize(
+    ("method", "base"),
+    [("mtlue", "em"), ("mtlue", "tap"), ("mtlue", "sep"), ("pgd", "em"), ("pgd", "tap")],
+)
+def test_stored_deltas_respect_epsilon_and_pixels_stay_in_range(tiny, tmp_path, method, base):
+    epsilon = 8 / 255
+    result = protect(
+        tiny.train,
+        tiny.tasks,
+        3,
+        16,
+        _config(method=method, base=base, epsilon=epsilon),
+        progress=False,
+    )
+    assert result.deltas.dtype == np.int8 and result.deltas.shape == tuple(tiny.train.images.shape)
+    assert np.abs(result.deltas).max() <= 8
+    assert np.abs(result.deltas).max() > 0
+    write_store(tmp_path / "s", result.ids, result.deltas, {"method": method})
+    protected = protect_split(tiny.train, PerturbationStore(tmp_path / "s"))
+    change = protected.images.short() - tiny.train.images.short()
+    assert change.abs().max() <= 8
+    assert protected.images.dtype == torch.uint8
+
+
+def test_quantisation_never_exceeds_epsilon_and_clipping_by_hand():
+    assert np.abs(quantise_delta(torch.tensor([0.9, -0.9, 8.4 / 255]), 8.5 / 255)).max() == 8
+    images = torch.tensor([[[[250, 3, 100]]]], dtype=torch.uint8)
+    deltas = np.array([[[[8, -8, -5]]]], dtype=np.int8)
+    assert apply_integer_deltas(images, deltas).tolist() == [[[[255, 0, 95]]]]
+
+
+def test_perturbations_follow_the_sample_id_not_the_position(tiny, tmp_path):
+    rng = np.random.default_rng(0)
+    ids = tiny.train.ids.numpy()
+    deltas = rng.integers(-8, 9, size=tiny.train.images.shape).astype(np.int8)
+    permutation = rng.permutation(len(ids))
+    write_store(tmp_path / "s", ids[permutation], deltas[permutation], {}, shard_size=50)
+    store = PerturbationStore(tmp_path / "s")
+    protected = protect_split(tiny.train, store)
+    expected = {
+        int(i): apply_integer_deltas(tiny.train.images[p : p + 1], deltas[p : p + 1])[0]
+        for p, i in enumerate(ids)
+    }
+    for position, sample_id in enumerate(protected.ids.tolist()):
+        assert torch.equal(protected.images[position], expected[sample_id])
+    reordered = protect_split(tiny.train.subset(torch.tensor(permutation)), store)
+    for position, sample_id in enumerate(reordered.ids.tolist()):
+        assert torch.equal(reordered.images[position], expected[sample_id])
+    for workers in (0, 2):
+        for batch in make_loader(protected, 32, shuffle=True, seed=5, num_workers=workers):
+            for row, sample_id in enumerate(batch["id"].tolist()):
+                assert torch.equal(
+                    (batch["image"][row] * 255).round().to(torch.uint8), expected[sample_id]
+                )
+
+
+def test_a_store_that_does_not_match_the_data_set_is_refused(tiny, tmp_path):
+    ids = tiny.train.ids.numpy()
+    write_store(tmp_path / "other", ids + 1, np.zeros(tiny.train.images.shape, np.int8), {})
+    with pytest.raises(
+        ConfigError,
+        match="store has no perturbation for sample id 0; it does not match this data set",
+    ):
+        protect_split(tiny.train, PerturbationStore(tmp_path / "other"))
+    write_store(tmp_path / "shape", ids, np.zeros((len(ids), 3, 8, 8), np.int8), {})
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("perturbation shape (3, 8, 8) does not match image shape (3, 16, 16)"),
+    ):
+        protect_split(tiny.train, PerturbationStore(tmp_path / "shape"))
+    write_store(tmp_path / "ok", ids, np.zeros(tiny.train.images.shape, np.int8), {}, shard_size=64)
+    shard = tmp_path / "ok" / "delta-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(ConfigError, match="delta-00001.npy: checksum does not match"):
+        PerturbationStore(tmp_path / "ok")
+
+
+def test_interrupted_generation_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
+    import raymtl.protect.bases as bases
+
+    config = _config(method="mtlue", base="tap", epochs=3)
+    uninterrupted = protect(tiny.train, tiny.tasks, 3, 16, config, progress=False)
+    calls = {"n": 0}
+    real = bases.TargetedAdversarialPoisoning.after_epoch
+
+    def interrupt_on_second(self, perturb, train):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, perturb, train)
+
+    monkeypatch.setattr(bases.TargetedAdversarialPoisoning, "after_epoch", interrupt_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        protect(tiny.train, tiny.tasks, 3, 16, config, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(bases.TargetedAdversarialPoisoning, "after_epoch", real)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 1
+    prepared = {"n": 0}
+    real_prepare = bases.TargetedAdversarialPoisoning.prepare
+    monkeypatch.setattr(
+        bases.TargetedAdversarialPoisoning,
+        "prepare",
+        lambda self, train: (prepared.__setitem__("n", 1), real_prepare(self, train)),
+    )
+    resumed = protect(
+        tiny.train, tiny.tasks, 3, 16, config, checkpoint_dir=tmp_path, progress=False
+    )
+    assert prepared["n"] == 0  # the clean model came from the checkpoint, not retrained
+    assert [row["epoch"] for row in resumed.log] == [1, 2, 3]
+    assert np.array_equal(resumed.deltas, uninterrupted.deltas)
+    with pytest.raises(ConfigError, match="checkpoint of another configuration"):
+        protect(
+            tiny.train,
+            tiny.tasks,
+            3,
+            16,
+            _config(method="mtlue", base="tap", epochs=4),
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
+
+
+def test_regularisers_on_hand_made_embeddings():
+    tasks = [TaskSpec("a", "binary"), TaskSpec("b", "binary")]
+    generator = MTLUEGenerator(tasks, 3, 16, 8 / 255, variant="class", width=4)
+    e = torch.zeros(16, 8, 8)
+    e[0, 0, 0] = 1.0
+    f = torch.zeros(16, 8, 8)
+    f[1, 0, 0] = 1.0
+    with torch.no_grad():
+        generator.embeddings["a"].copy_(torch.stack([e, -e]))  # opposite classes: cosine -1
+        generator.embeddings["b"].copy_(torch.stack([f, f]))  # identical classes: cosine +1
+    # intra: task a -> (-1 + 1) = 0, task b -> (1 + 1) = 2; mean 1. inter: a ⟂ b -> 0.
+    assert intra_task_loss(generator).item() == pytest.approx(1.0)
+    assert inter_task_loss(generator).item() == pytest.approx(0.0)
+
+
+def test_generator_variants_and_the_epsilon_clamp():
+    tasks = [TaskSpec("a", "binary"), TaskSpec("c", "multiclass", 3)]
+    targets = {"a": torch.tensor([0, 1]), "c": torch.tensor([2, 0])}
+    for variant in ("sample", "class", "z_only"):
+        generator = MTLUEGenerator(tasks, 3, 16, 4 / 255, variant=variant, width=4)
+        delta = generator(torch.rand(2, 3, 16, 16), targets)
+        assert delta.shape == (2, 3, 16, 16) and delta.abs().max() <= 4 / 255 + 1e-7
+    class_wise = MTLUEGenerator(tasks, 3, 16, 4 / 255, variant="class", width=4)
+    same_labels = {"a": torch.tensor([1, 1]), "c": torch.tensor([0, 0])}
+    delta = class_wise(torch.rand(2, 3, 16, 16), same_labels)
+    assert torch.allclose(delta[0], delta[1])  # class-wise: δ depends on the labels only
+
+
+def test_tap_target_labels():
+    assert target_labels(TaskSpec("b", "binary"), torch.tensor([0, 1])).tolist() == [1, 0]
+    assert target_labels(TaskSpec("m", "multiclass", 5), torch.tensor([0, 3, 4])).tolist() == [
+        2,
+        0,
+        1,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epsilon", "0"], "epsilon must be in (0, 1]"),
+        (["--epsilon", "1.5"], "epsilon must be in (0, 1]"),
+        (["--epsilon", "8/0"], "argument --epsilon: expected a number or a fraction like 8/255"),
+        (["--lambda2", "-3"], "lambda2 must be >= 0"),
+        (["--base", "lsp"], "unknown base method 'lsp'; available: em, sep, tap"),
+        (["--method", "magic"], "unknown protection method 'magic'; available: mtlue, pgd"),
+    ],
+)
+def test_protect_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "store"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymtl.protect", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+    assert not out.exists()
