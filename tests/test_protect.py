@@ -234,7 +234,40 @@ def test_the_table_command_runs_at_a_tiny_size(tmp_path):
     spec = importlib.util.spec_from_file_location("mtlue_table", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.main(["--n-train", "96", "--n-test", "32", "--image-size", "16", "--victim-epochs", "1", "--generator-epochs", "1", "--samples-per-epoch", "64", "--width", "4", "--pgd-steps", "1", "--pgd-rounds", "1", "--clean-epochs", "1", "--out", str(tmp_path)])
-    assert [r["data"] for r in rows] == ["clean", "EM", "TAP", "SEP", "MTL-UE+EM", "MTL-UE+TAP", "MTL-UE+SEP"]
+    rows = module.main(
+        [
+            "--n-train",
+            "96",
+            "--n-test",
+            "32",
+            "--image-size",
+            "16",
+            "--victim-epochs",
+            "1",
+            "--generator-epochs",
+            "1",
+            "--samples-per-epoch",
+            "64",
+            "--width",
+            "4",
+            "--pgd-steps",
+            "1",
+            "--pgd-rounds",
+            "1",
+            "--clean-epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [r["data"] for r in rows] == [
+        "clean",
+        "EM",
+        "TAP",
+        "SEP",
+        "MTL-UE+EM",
+        "MTL-UE+TAP",
+        "MTL-UE+SEP",
+    ]
     assert (tmp_path / "table.csv").read_text().count("\n") == 8
     assert "MTL-UE+SEP" in (tmp_path / "table.md").read_text()
