@@ -54,14 +54,7 @@ def _write_bytes_atomic(out: DataRoot, relative: str, data: bytes) -> None:
 
 
 def _read_row(source: FileSource, row: dict[str, Any]) -> dict[str, bytes]:
-    files = {}
-    for column in source.format.file_columns:
-        try:
-            files[column] = source.root.read_bytes(row[column])
-        except OSError as err:
-            raise BadSampleError(
-                f"{source.root.path(row[column])}: cannot read: {err.strerror or err}"
-            ) from None
+    files = source.root.read_files({c: row[c] for c in source.format.file_columns})
     where = source.root.path(row[source.format.file_columns[0]])
     decode_with_path(source.format, files, False, None, where)  # BadSampleError if undecodable
     return files

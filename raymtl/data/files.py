@@ -88,6 +88,19 @@ class DataRoot:
         with self.fs.open_input_stream(self.path(relative)) as handle:
             return handle.read()
 
+    def read_files(self, relatives: dict[str, str]) -> dict[str, bytes]:
+        """One sample's files {column: relative path} -> {column: bytes}; BadSampleError names
+        the file that cannot be read."""
+        out = {}
+        for column, relative in relatives.items():
+            try:
+                out[column] = self.read_bytes(relative)
+            except OSError as err:
+                raise BadSampleError(
+                    f"{self.path(relative)}: cannot read: {err.strerror or err}"
+                ) from None
+        return out
+
     def read_text(self, relative: str) -> str:
         """The whole file as UTF-8 text."""
         return self.read_bytes(relative).decode("utf-8")
@@ -296,16 +309,7 @@ class FileDataset(Dataset):
         """The raw bytes of one sample's files."""
         if self.parquet is not None:
             return self.parquet.row(int(self.rows["_row"][position].as_py()))
-        out = {}
-        for column in self.format.file_columns:
-            relative = self.paths[column][position]
-            try:
-                out[column] = self.root.read_bytes(relative)
-            except OSError as err:
-                raise BadSampleError(
-                    f"{self.root.path(relative)}: cannot read: {err.strerror or err}"
-                ) from None
-        return out
+        return self.root.read_files({c: self.paths[c][position] for c in self.format.file_columns})
 
     def __getitem__(self, position: int) -> dict[str, Any] | None:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()))) if self.train else None

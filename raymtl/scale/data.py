@@ -56,16 +56,7 @@ class DecodeBatch:
             if self._shard_reader is None:
                 self._shard_reader = ShardRowReader(self._root, self.shards, fmt.file_columns)
             return self._shard_reader.row(int(batch["_shard"][row]), int(batch["_offset"][row]))
-        files = {}
-        for column in fmt.file_columns:
-            relative = str(batch[column][row])
-            try:
-                files[column] = self._root.read_bytes(relative)
-            except OSError as err:
-                raise BadSampleError(
-                    f"{self._root.path(relative)}: cannot read: {err.strerror or err}"
-                ) from None
-        return files
+        return self._root.read_files({c: str(batch[c][row]) for c in fmt.file_columns})
 
     def _where(self, batch: dict[str, np.ndarray], row: int) -> str:
         relative = str(batch[self.format.file_columns[0]][row])
