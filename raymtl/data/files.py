@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,7 +189,7 @@ def load_npy(data: bytes, name: str) -> np.ndarray:
 
 
 @dataclass
-class FileFormat:
+class FileFormat(ABC):
     """How one publisher's data set is laid out and decoded. Subclasses fill in the three methods.
 
     ``file_columns`` name the index columns holding relative file paths (the first is the image);
@@ -199,24 +200,24 @@ class FileFormat:
     file_columns: tuple[str, ...] = ("image",)
     options: dict[str, Any] = field(default_factory=dict)
 
+    @abstractmethod
     def tasks(self) -> list[TaskSpec]:
         """The tasks this data set provides (after any task subset option)."""
-        raise NotImplementedError
 
     @property
     def label_columns(self) -> list[str]:
         """Scalar label columns of the index (classification tasks)."""
         return [t.name for t in self.tasks() if not t.dense]
 
+    @abstractmethod
     def index(self, root: DataRoot) -> pa.Table:
         """Validate the folder and return its sample table: id, split, file columns, labels."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(
         self, files: dict[str, bytes], train: bool, rng: np.random.Generator | None
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One sample's image ([C,H,W], uint8 or float32 in [0,1]) and dense targets from its bytes."""
-        raise NotImplementedError
 
     in_channels: int = 3
     image_size: int = 64

@@ -7,6 +7,7 @@ end-of-epoch hook that may train its surrogate and says when to stop.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,7 @@ def mean_error(
     return float(torch.stack(errors).mean())
 
 
-class UEBase:
+class UEBase(ABC):
     """A base method: ``loss`` to minimise over δ; ``after_epoch`` trains surrogates / stops."""
 
     name = "base"
@@ -98,13 +99,15 @@ class UEBase:
 
     def prepare(self, train: MultiTaskArrays) -> None:
         """Train whatever the base needs before generation starts."""
+        return None  # optional hook: nothing to do by default
 
     def prepare_for_resume(self, train: MultiTaskArrays) -> None:
         """Build (untrained) surrogates whose weights ``load_state_dict`` will restore."""
+        return None  # optional hook: nothing to do by default
 
+    @abstractmethod
     def loss(self, perturbed: Tensor, targets: dict[str, Tensor]) -> Tensor:
         """The quantity generation minimises."""
-        raise NotImplementedError
 
     def after_epoch(self, perturb: PerturbFn, train: MultiTaskArrays) -> bool:
         """Called after each generation epoch; return True to stop early."""
@@ -116,6 +119,7 @@ class UEBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from ``state_dict``."""
+        return None  # optional hook: nothing to do by default
 
 
 UE_BASES: Registry[UEBase] = Registry("base method")
