@@ -40,6 +40,7 @@ def _number_type(parse: Any, accept: Any, expected: str) -> Any:
 positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
 positive_float = _number_type(float, lambda v: v > 0, "a positive number")
 nonnegative_float = _number_type(float, lambda v: v >= 0, "a number >= 0")
+nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,3 +141,73 @@ def run_main(main: Any, prog: str) -> None:
     except ConfigError as err:
         die(prog, str(err))
     raise SystemExit(status)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, run_name: str) -> None:
+    """Training-recipe options shared by the commands that train a model (see ``train_config``)."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--weighting", default="ls", help="task weighting strategy (default: ls)")
+    group.add_argument(
+        "--mode",
+        choices=["mtl", "stl"],
+        default="mtl",
+        help="one multi-task model, or one model per task",
+    )
+    group.add_argument(
+        "--epochs", type=positive_int, default=8, help="training epochs (default: 8)"
+    )
+    group.add_argument(
+        "--batch-size", type=positive_int, default=128, help="batch size (default: 128)"
+    )
+    group.add_argument(
+        "--lr", type=positive_float, default=2e-3, help="Adam learning rate (default: 2e-3)"
+    )
+    group.add_argument(
+        "--weight-decay", type=nonnegative_float, default=0.0, help="Adam weight decay (default: 0)"
+    )
+    group.add_argument(
+        "--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:1 ..."
+    )
+    group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    group.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=0,
+        help="DataLoader worker processes (default: 0)",
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, help="seed for data and training (default: 0)"
+    )
+    group.add_argument(
+        "--run-dir", default=None, help=f"output folder (default: ./runs/{run_name}-<timestamp>)"
+    )
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The validated TrainConfig for options added by ``add_training_arguments``."""
+    from raymtl.engine import TrainConfig
+
+    check_names(weightings=[args.weighting])
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        weighting=args.weighting,
+        device=args.device,
+        amp=args.amp,
+        num_workers=args.workers,
+        seed=args.seed,
+    ).validate()
+
+
+def write_test_results(
+    run: Any, test: dict[str, Any], tasks: list[TaskSpec], seconds: float
+) -> str:
+    """Save a run's clean-test evaluation (metrics.json, test_metrics.md), close it, print the table."""
+    table = format_task_table(test["tasks"], tasks)
+    run.write_json("metrics.json", {"test": test, "seconds": seconds})
+    run.write_text("test_metrics.md", table + "\n")
+    run.close()
+    print(table)
+    return table

@@ -315,3 +315,20 @@ def fit_stl(
         if callback is not None:
             callback(int(row["epoch"]), row)
     return FitResult(models, history, test_eval, time.perf_counter() - start)
+
+
+def train_and_evaluate(
+    mode: str,
+    make_model: Callable[[list[TaskSpec]], MultiTaskModel],
+    train: Dataset,
+    test: Dataset | None,
+    tasks: Sequence[TaskSpec],
+    config: TrainConfig,
+    callback: EpochCallback | None = None,
+) -> FitResult:
+    """``mode`` 'mtl': one model on all tasks (``fit``); 'stl': one model per task (``fit_stl``)."""
+    if mode == "mtl":
+        return fit(make_model(list(tasks)), train, test, tasks, config, callback)
+    if mode == "stl":
+        return fit_stl(make_model, train, test, tasks, config, callback)
+    raise ConfigError(f"unknown mode {mode!r}; expected mtl or stl")

@@ -271,3 +271,52 @@ def test_the_table_command_runs_at_a_tiny_size(tmp_path):
     ]
     assert (tmp_path / "table.csv").read_text().count("\n") == 8
     assert "MTL-UE+SEP" in (tmp_path / "table.md").read_text()
+
+
+def test_protect_then_victim_commands_end_to_end(tmp_path):
+    store, run = tmp_path / "store", tmp_path / "victim"
+    common = ["--n-train", "64", "--n-test", "32", "--image-size", "16"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raymtl.protect",
+            "--out",
+            str(store),
+            "--base",
+            "tap",
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--clean-epochs",
+            "1",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert PerturbationStore(store).metadata["base"] == "tap"
+    assert not (store / "checkpoint.pt").exists()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raymtl.victim",
+            "--store",
+            str(store),
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mean score on the CLEAN test set" in proc.stdout
+    assert (run / "metrics.json").is_file() and (run / "test_metrics.md").is_file()
+    assert "store_metadata" in (run / "config.yaml").read_text()
