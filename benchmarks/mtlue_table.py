@@ -1,9 +1,10 @@
 """The MTL-UE paper's table on the embedded synthetic set: the MTL victim's mean balanced accuracy
 on the CLEAN test set after training on clean | EM | TAP | SEP (per-sample PGD) | MTL-UE+EM |
 MTL-UE+TAP | MTL-UE+SEP data, at ε = 8/255, with the small CNN. Lower is better for protection.
+The surrogate-free LSP cells (average / grid combination) are available with --cells.
 
 Writes table.csv and table.md to --out and prints the table.
-Usage: python benchmarks/mtlue_table.py [--n-train N] [--out DIR] [...]
+Usage: python benchmarks/mtlue_table.py [--n-train N] [--cells clean,LSP] [--out DIR] [...]
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ from raymtl.engine import TrainConfig, fit
 from raymtl.io import atomic_write_text
 from raymtl.models import create_model
 from raymtl.protect import ProtectConfig, SurrogateConfig, protect
+from raymtl.protect.__main__ import epsilon_value
 from raymtl.protect.store import apply_integer_deltas
 
-CELLS = {
+CELLS: dict[str, tuple[str, str, dict] | None] = {
     "clean": None,
-    "EM": ("pgd", "em"),
-    "TAP": ("pgd", "tap"),
-    "SEP": ("pgd", "sep"),
-    "MTL-UE+EM": ("mtlue", "em"),
-    "MTL-UE+TAP": ("mtlue", "tap"),
-    "MTL-UE+SEP": ("mtlue", "sep"),
+    "EM": ("pgd", "em", {}),
+    "TAP": ("pgd", "tap", {}),
+    "SEP": ("pgd", "sep", {}),
+    "MTL-UE+EM": ("mtlue", "em", {}),
+    "MTL-UE+TAP": ("mtlue", "tap", {}),
+    "MTL-UE+SEP": ("mtlue", "sep", {}),
+    "LSP": ("lsp", "em", {"combine": "average"}),
+    "LSP-grid": ("lsp", "em", {"combine": "grid"}),
 }
+DEFAULT_CELLS = ["clean", "EM", "TAP", "SEP", "MTL-UE+EM", "MTL-UE+TAP", "MTL-UE+SEP"]
 
 
 def mean_balanced_accuracy(per_task: dict[str, dict[str, float]]) -> float:
@@ -48,6 +53,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-train", type=int, default=10000)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument(
+        "--contrast", type=float, default=1.0, help="synthetic feature contrast (1 = default set)"
+    )
+    parser.add_argument("--epsilon", type=epsilon_value, default=8 / 255, help="e.g. 8/255")
     parser.add_argument("--victim-epochs", type=int, default=8)
     parser.add_argument("--generator-epochs", type=int, default=10)
     parser.add_argument(
@@ -63,12 +72,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lambda1", type=float, default=10.0)
     parser.add_argument("--lambda2", type=float, default=200.0)
     parser.add_argument(
-        "--cells", default=",".join(CELLS), help="comma-separated subset of the columns"
+        "--cells",
+        default=",".join(DEFAULT_CELLS),
+        help=f"comma-separated columns, from: {', '.join(CELLS)}",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/mtlue-table")
     args = parser.parse_args(argv)
+    unknown = [c for c in args.cells.split(",") if c not in CELLS]
+    if unknown:
+        parser.error(f"--cells: unknown column {unknown[0]!r}; available: {', '.join(CELLS)}")
     torch.set_num_threads(args.threads)
     bundle = build_dataset(
         "synthetic",
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         n_test=args.n_test,
         image_size=args.image_size,
         seed=args.seed,
+        contrast=args.contrast,
     )
     surrogate = SurrogateConfig(clean_epochs=args.clean_epochs, seed=args.seed)
     victim = TrainConfig(epochs=args.victim_epochs, seed=args.seed, eval_every=0)
@@ -84,11 +99,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.perf_counter()
         train = bundle.train
         if CELLS[name] is not None:
-            method, base = CELLS[name]
+            method, base, extra = CELLS[name]
             epochs = args.generator_epochs if method == "mtlue" else args.pgd_rounds
             config = ProtectConfig(
                 method=method,
                 base=base,
+                epsilon=args.epsilon,
                 epochs=epochs,
                 samples_per_epoch=args.samples_per_epoch,
                 width=args.width,
@@ -97,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 lambda2=args.lambda2,
                 seed=args.seed,
                 surrogate=surrogate,
+                **extra,
             )
             result = protect(train, bundle.tasks, bundle.in_channels, bundle.image_size, config)
             position = {int(i): p for p, i in enumerate(result.ids)}
@@ -130,7 +147,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "table.csv", buffer.getvalue())
-    header = "| MTL victim, small CNN, ε = 8/255 | " + " | ".join(r["data"] for r in rows) + " |"
+    header = (
+        f"| MTL victim, small CNN, ε = {round(args.epsilon * 255)}/255, contrast {args.contrast:g} | "
+        + " | ".join(r["data"] for r in rows)
+        + " |"
+    )
     line = "|---|" + "---|" * len(rows)
     values = (
         "| mean balanced accuracy (clean test) | "

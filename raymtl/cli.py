@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from raymtl.data import DATASETS
+from raymtl.defences import DEFENCES
 from raymtl.errors import ConfigError, die
 from raymtl.models import BACKBONES
 from raymtl.tasks import TaskSpec
@@ -89,13 +90,13 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def parse_data_options(items: list[str]) -> dict[str, str]:
-    """KEY=VALUE strings from --data-option into a dict (ConfigError on a malformed item)."""
+def parse_data_options(items: list[str], flag: str = "--data-option") -> dict[str, str]:
+    """KEY=VALUE strings from a repeatable option into a dict (ConfigError on a malformed item)."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--data-option expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
         options[key.strip().replace("-", "_")] = value.strip()
     return options
 
@@ -170,6 +171,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, run_name: str) -> No
     )
     group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     group.add_argument(
+        "--defence",
+        default=None,
+        help=f"victim-side defence on every training batch; one of: {', '.join(DEFENCES.names())}",
+    )
+    group.add_argument(
+        "--defence-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="defence option, e.g. quality=10 (jpeg), bits=2 (bdr), epsilon=0.0314 (pgd_at)",
+    )
+    group.add_argument(
         "--workers",
         type=nonnegative_int,
         default=0,
@@ -196,6 +209,8 @@ def train_config(args: argparse.Namespace) -> Any:
         weighting=args.weighting,
         device=args.device,
         amp=args.amp,
+        defence=args.defence,
+        defence_options=parse_data_options(args.defence_option, "--defence-option"),
         num_workers=args.workers,
         seed=args.seed,
     ).validate()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from raymtl.data.base import collate_batch
+from raymtl.defences import create_defence
 from raymtl.errors import ConfigError
 from raymtl.models.mtl import MultiTaskModel
 from raymtl.tasks import TaskSpec, mean_primary
@@ -35,6 +36,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     weighting: str = "ls"
     weighting_options: dict[str, Any] = field(default_factory=dict)
+    defence: str | None = None  # a DEFENCES name applied to every training batch
+    defence_options: dict[str, Any] = field(default_factory=dict)
     lr_milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of the epochs (paper: 36/60, 48/60)
     lr_gamma: float = 0.1
     device: str = "auto"
@@ -57,6 +60,8 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid {name}={getattr(self, name)!r}")
+        if self.defence is not None:
+            create_defence(self.defence, **self.defence_options)  # names and options checked
         if any(not 0 < m <= 1 for m in self.lr_milestones):
             raise ConfigError("lr_milestones must be fractions of the epochs in (0, 1]")
         return self
@@ -241,6 +246,7 @@ def fit(
         train, config.batch_size, True, config.seed, config.num_workers, pin=device.type == "cuda"
     )
     amp = config.amp and device.type == "cuda"
+    defence = create_defence(config.defence, **config.defence_options) if config.defence else None
     history: list[dict[str, float]] = []
     test_eval: dict[str, Any] = {}
     start = time.perf_counter()
@@ -252,6 +258,8 @@ def fit(
             if batch is None:
                 continue
             batch = to_device(batch, device)
+            if defence is not None:
+                batch["image"] = defence(batch["image"], batch, model, tasks)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 outputs = model(batch["image"])
             losses = task_losses(outputs, batch, tasks)

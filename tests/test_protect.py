@@ -210,7 +210,7 @@ def test_tap_target_labels():
         (["--epsilon", "8/0"], "argument --epsilon: expected a number or a fraction like 8/255"),
         (["--lambda2", "-3"], "lambda2 must be >= 0"),
         (["--base", "lsp"], "unknown base method 'lsp'; available: em, sep, tap"),
-        (["--method", "magic"], "unknown protection method 'magic'; available: mtlue, pgd"),
+        (["--method", "magic"], "unknown protection method 'magic'; available: lsp, mtlue, pgd"),
     ],
 )
 def test_protect_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, args, message):
@@ -320,3 +320,38 @@ def test_protect_then_victim_commands_end_to_end(tmp_path):
     assert "mean score on the CLEAN test set" in proc.stdout
     assert (run / "metrics.json").is_file() and (run / "test_metrics.md").is_file()
     assert "store_metadata" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("combine", ["average", "grid"])
+def test_lsp_is_class_wise_per_task_within_epsilon(tiny, combine):
+    from raymtl.protect.patterns import grid_regions
+
+    result = protect(
+        tiny.train,
+        tiny.tasks,
+        3,
+        16,
+        _config(method="lsp", combine=combine, patch_size=4),
+        progress=False,
+    )
+    assert np.abs(result.deltas).max() == 8
+    labels = np.stack([tiny.train.targets[t.name].numpy() for t in tiny.tasks], 1)
+    # δ is a function of the label vector only: equal labels -> equal δ.
+    first = {}
+    for row, key in enumerate(map(tuple, labels)):
+        if key in first:
+            assert np.array_equal(result.deltas[row], result.deltas[first[key]])
+        first.setdefault(key, row)
+    if combine == "grid":
+        # In task k's region, δ depends on task k's label alone.
+        for k, (rows, cols) in enumerate(grid_regions(len(tiny.tasks), 16)):
+            task = tiny.tasks[k]
+            for value in np.unique(labels[:, k]):
+                region = result.deltas[labels[:, k] == value][..., rows, cols]
+                assert (region == region[:1]).all(), task.name
+
+
+def test_lsp_needs_no_base_and_rejects_unknown_combine():
+    ProtectConfig(method="lsp", base="whatever").validate()
+    with pytest.raises(ConfigError, match="combine must be one of average, grid"):
+        ProtectConfig(method="lsp", combine="mosaic").validate()

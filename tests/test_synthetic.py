@@ -105,3 +105,24 @@ def test_batched_fetch_matches_single_fetch(small):
     assert torch.equal(batch["image"][1], single["image"])
     assert batch["id"].tolist() == [3, 7]
     assert batch["targets"]["shape"][1] == single["targets"]["shape"]
+
+
+def test_contrast_option_keeps_labels_and_lowers_feature_contrast():
+    from raymtl.errors import ConfigError
+
+    default = build_dataset("synthetic", n_train=40, n_test=4, image_size=32)
+    same = build_dataset("synthetic", n_train=40, n_test=4, image_size=32, contrast=1.0)
+    faint = build_dataset("synthetic", n_train=40, n_test=4, image_size=32, contrast=0.3)
+    assert torch.equal(default.train.images, same.train.images)
+    assert faint.options["contrast"] == 0.3 and "contrast" not in default.options
+    for name in default.train.targets:
+        assert torch.equal(default.train.targets[name], faint.train.targets[name])
+
+    # Every image is less varied: its pixels sit closer to their own median (the background).
+    def spread(images):
+        x = images.float().flatten(1)
+        return (x - x.median(1, keepdim=True).values).abs().mean(1)
+
+    assert (spread(faint.train.images) < spread(default.train.images)).float().mean() > 0.9
+    with pytest.raises(ConfigError, match=r"contrast must be in \(0, 1\], got 0.0"):
+        build_dataset("synthetic", n_train=4, n_test=4, contrast=0)

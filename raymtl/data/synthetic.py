@@ -12,6 +12,7 @@ Train ids are 0..n_train-1; test ids start at TEST_ID_OFFSET.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,11 @@ def _shape_sdf(shape: int, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
     return np.minimum(bar_h, bar_v)
 
 
+def _blend(under: np.ndarray, over: np.ndarray, contrast: float) -> np.ndarray:
+    """``over`` drawn at ``contrast`` opacity on ``under`` (1.0: fully opaque)."""
+    return over if contrast == 1.0 else under + contrast * (over - under)
+
+
 def draw_factors(rng: np.random.Generator) -> dict[str, int]:
     """Draw the discrete generative factors of one ``synthetic`` image."""
     return {
@@ -122,8 +128,13 @@ def draw_factors(rng: np.random.Generator) -> dict[str, int]:
     }
 
 
-def render_classification(seed: int, sample_id: int, size: int) -> tuple[np.ndarray, dict]:
-    """Render one ``synthetic`` image (uint8 [3,H,W]) and return it with its factors."""
+def render_classification(
+    seed: int, sample_id: int, size: int, contrast: float = 1.0
+) -> tuple[np.ndarray, dict]:
+    """Render one ``synthetic`` image (uint8 [3,H,W]) and return it with its factors.
+
+    ``contrast`` scales every label-carrying difference (texture shade, frame, object, clutter
+    and the extra noise of 'noisy' images) relative to the background; 1.0 is the default set."""
     rng = np.random.default_rng([seed, sample_id])
     f = draw_factors(rng)
     s = float(size)
@@ -132,7 +143,7 @@ def render_classification(seed: int, sample_id: int, size: int) -> tuple[np.ndar
     # Background: a low-saturation colour and a second shade for the texture.
     v_back = rng.uniform(0.25, 0.75)
     h_back, s_back = rng.uniform(), rng.uniform(0.0, 0.3)
-    shade = float(np.clip(v_back + rng.choice([-1, 1]) * rng.uniform(0.12, 0.2), 0, 1))
+    shade = float(np.clip(v_back + contrast * rng.choice([-1, 1]) * rng.uniform(0.12, 0.2), 0, 1))
     c1, c2 = hsv_to_rgb(h_back, s_back, v_back), hsv_to_rgb(h_back, s_back, shade)
     period = s / rng.choice([5.0, 7.0])
     phase_y, phase_x = rng.uniform(0, period, size=2)
@@ -154,7 +165,7 @@ def render_classification(seed: int, sample_id: int, size: int) -> tuple[np.ndar
         )
         border = np.zeros((size, size), bool)
         border[:width], border[-width:], border[:, :width], border[:, -width:] = (True,) * 4
-        image[:, border] = frame[:, None]
+        image[:, border] = _blend(image[:, border], frame[:, None], contrast)
 
     # The object.
     radius = s * (0.27 if f["large"] else 0.17)
@@ -169,7 +180,7 @@ def render_classification(seed: int, sample_id: int, size: int) -> tuple[np.ndar
     mask = sdf <= 0
     if f["hollow"]:
         mask &= sdf > -max(1.0, 0.045 * s)
-    image[:, mask] = colour[:, None]
+    image[:, mask] = _blend(image[:, mask], colour[:, None], contrast)
 
     # Clutter: small dots and short lines of random colour that carry no label.
     for _ in range(int(rng.integers(2, 6))):
@@ -177,15 +188,21 @@ def render_classification(seed: int, sample_id: int, size: int) -> tuple[np.ndar
         x0, y0 = rng.integers(0, size, size=2)
         if rng.uniform() < 0.5:
             k = max(1, round(s / 32 * rng.integers(1, 3)))
-            image[:, y0 : y0 + k, x0 : x0 + k] = clutter_colour[:, None, None]
+            patch = image[:, y0 : y0 + k, x0 : x0 + k]
+            image[:, y0 : y0 + k, x0 : x0 + k] = _blend(
+                patch, clutter_colour[:, None, None], contrast
+            )
         else:
             length = max(2, round(s / 32 * rng.integers(3, 6)))
             if rng.uniform() < 0.5:
-                image[:, y0, x0 : x0 + length] = clutter_colour[:, None]
+                line = image[:, y0, x0 : x0 + length]
+                image[:, y0, x0 : x0 + length] = _blend(line, clutter_colour[:, None], contrast)
             else:
-                image[:, y0 : y0 + length, x0] = clutter_colour[:, None]
+                line = image[:, y0 : y0 + length, x0]
+                image[:, y0 : y0 + length, x0] = _blend(line, clutter_colour[:, None], contrast)
 
-    image = image + rng.normal(0.0, 0.09 if f["noisy"] else 0.02, size=image.shape)
+    sigma = 0.02 + (0.07 * contrast if f["noisy"] else 0.0)
+    image = image + rng.normal(0.0, sigma, size=image.shape)
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8), f
 
 
@@ -249,12 +266,14 @@ def render_dense(seed: int, sample_id: int, size: int) -> dict[str, np.ndarray]:
     }
 
 
-def make_classification_split(seed: int, ids: np.ndarray, size: int, split: str) -> MultiTaskArrays:
+def make_classification_split(
+    seed: int, ids: np.ndarray, size: int, split: str, contrast: float = 1.0
+) -> MultiTaskArrays:
     """Render the given sample ids of ``synthetic`` into an in-memory split."""
     images = np.empty((len(ids), 3, size, size), np.uint8)
     factor_rows = []
     for row, sample_id in enumerate(ids):
-        images[row], factors = render_classification(seed, int(sample_id), size)
+        images[row], factors = render_classification(seed, int(sample_id), size, contrast)
         factor_rows.append(factors)
     factors = {k: np.array([fr[k] for fr in factor_rows]) for k in factor_rows[0]}
     label_rows = [labels_from_factors(fr) for fr in factor_rows]
@@ -282,8 +301,12 @@ def _build(
     image_size: int,
     seed: int,
     unknown: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> DatasetBundle:
-    reject_unknown_options(name, unknown, "n_train, n_test, image_size, seed")
+    extra = extra or {}
+    reject_unknown_options(
+        name, unknown, ", ".join(["n_train", "n_test", "image_size", "seed", *extra])
+    )
     if n_train < 1 or n_test < 1:
         raise ConfigError(f"n_train and n_test must be >= 1 (got {n_train}, {n_test})")
     if n_train > TEST_ID_OFFSET:
@@ -299,7 +322,13 @@ def _build(
         test=make_split(seed, test_ids, image_size, "test"),
         in_channels=3,
         image_size=image_size,
-        options={"n_train": n_train, "n_test": n_test, "image_size": image_size, "seed": seed},
+        options={
+            "n_train": n_train,
+            "n_test": n_test,
+            "image_size": image_size,
+            "seed": seed,
+            **extra,
+        },
     )
 
 
@@ -310,18 +339,24 @@ def build_synthetic(
     n_test: int = 2_000,
     image_size: int = 32,
     seed: int = 0,
+    contrast: float = 1.0,
     **unknown: Any,
 ) -> DatasetBundle:
-    """The embedded classification set: 11 binary + 3 multi-class tasks, 32 px RGB by default."""
+    """The embedded classification set: 11 binary + 3 multi-class tasks, 32 px RGB by default.
+    ``contrast`` (0, 1] scales how strongly the labelled features stand out from the background."""
+    contrast = float(contrast)
+    if not 0 < contrast <= 1:
+        raise ConfigError(f"contrast must be in (0, 1], got {contrast}")
     return _build(
         "synthetic",
         classification_tasks(),
-        make_classification_split,
+        functools.partial(make_classification_split, contrast=contrast),
         n_train,
         n_test,
         image_size,
         seed,
         unknown,
+        {"contrast": contrast} if contrast != 1.0 else {},
     )
 
 

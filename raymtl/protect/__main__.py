@@ -27,6 +27,7 @@ from raymtl.protect import (
     write_store,
 )
 from raymtl.protect.generator import VARIANTS
+from raymtl.protect.run import COMBINE_MODES
 from raymtl.protect.store import STORE_FILE
 from raymtl.rundir import RunDir
 
@@ -88,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator encoder width; 64 = the paper's (default: 32)",
     )
     parser.add_argument(
+        "--combine",
+        choices=COMBINE_MODES,
+        default="average",
+        help="lsp: combine per-task class patterns by average or grid (default: average)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=positive_int,
+        default=8,
+        help="lsp: side of one colour patch in pixels (default: 8)",
+    )
+    parser.add_argument(
         "--clean-epochs",
         type=positive_int,
         default=8,
@@ -116,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         variant=args.variant,
         epochs=args.epochs,
         width=args.width,
+        combine=args.combine,
+        patch_size=args.patch_size,
         seed=args.seed,
         surrogate=SurrogateConfig(clean_epochs=args.clean_epochs, seed=args.seed),
     ).validate()

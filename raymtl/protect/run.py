@@ -31,6 +31,7 @@ from raymtl.registry import Registry
 from raymtl.tasks import TaskSpec
 
 CHECKPOINT = "checkpoint.pt"
+COMBINE_MODES = ("average", "grid")  # how LSP combines per-task class patterns
 
 
 @dataclass
@@ -51,14 +52,17 @@ class ProtectConfig:
     width: int = 32  # generator encoder width (64 = the paper's ResNet-18 stem)
     pgd_steps: int = 20
     pgd_step_size: float = 0.8 / 255
+    combine: str = "average"  # lsp: how per-task class patterns are combined (average | grid)
+    patch_size: int = 8  # lsp: side of one colour patch, in pixels
     seed: int = 0
     device: str = "cpu"
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
 
     def validate(self) -> ProtectConfig:
         """ConfigError naming the first impossible value or unknown name."""
-        UE_METHODS.get(self.method)
-        UE_BASES.get(self.base)
+        method = UE_METHODS.get(self.method)
+        if getattr(method, "uses_base", True):
+            UE_BASES.get(self.base)
         if not (0 < self.epsilon <= 1) or math.isnan(self.epsilon):
             raise ConfigError(
                 f"epsilon must be in (0, 1] (e.g. 8/255 = {8 / 255:.4f}), got {self.epsilon}"
@@ -70,7 +74,11 @@ class ProtectConfig:
             raise ConfigError(
                 f"unknown generator variant {self.variant!r}; available: {', '.join(VARIANTS)}"
             )
-        for name in ("epochs", "batch_size", "width", "pgd_steps"):
+        if self.combine not in COMBINE_MODES:
+            raise ConfigError(
+                f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}"
+            )
+        for name in ("epochs", "batch_size", "width", "pgd_steps", "patch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
