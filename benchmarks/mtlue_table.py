@@ -58,13 +58,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--epsilon", type=epsilon_value, default=8 / 255, help="e.g. 8/255")
     parser.add_argument("--victim-epochs", type=int, default=8)
-    parser.add_argument("--generator-epochs", type=int, default=10)
+    parser.add_argument("--generator-epochs", type=int, default=15)
     parser.add_argument(
         "--samples-per-epoch",
         type=int,
-        default=2000,
+        default=2560,
         help="generator training samples per epoch (0 = all)",
     )
+    parser.add_argument(
+        "--em-steps-per-epoch",
+        type=int,
+        default=1,
+        help="MTL-UE+EM: surrogate steps per generator epoch (few: the generator must lead)",
+    )
+    parser.add_argument("--variant", default="sample", help="generator variant")
     parser.add_argument("--width", type=int, default=16, help="generator encoder width")
     parser.add_argument("--pgd-steps", type=int, default=20)
     parser.add_argument("--pgd-rounds", type=int, default=3, help="EM-PGD rounds (cap)")
@@ -92,7 +99,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seed=args.seed,
         contrast=args.contrast,
     )
-    surrogate = SurrogateConfig(clean_epochs=args.clean_epochs, seed=args.seed)
+    surrogate = SurrogateConfig(
+        clean_epochs=args.clean_epochs, em_steps_per_epoch=args.em_steps_per_epoch, seed=args.seed
+    )
     victim = TrainConfig(epochs=args.victim_epochs, seed=args.seed, eval_every=0)
     rows = []
     for name in args.cells.split(","):
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 epochs=epochs,
                 samples_per_epoch=args.samples_per_epoch,
                 width=args.width,
+                variant=args.variant,
                 pgd_steps=args.pgd_steps,
                 lambda1=args.lambda1,
                 lambda2=args.lambda2,

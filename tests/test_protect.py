@@ -184,13 +184,50 @@ def test_generator_variants_and_the_epsilon_clamp():
     tasks = [TaskSpec("a", "binary"), TaskSpec("c", "multiclass", 3)]
     targets = {"a": torch.tensor([0, 1]), "c": torch.tensor([2, 0])}
     for variant in ("sample", "class", "z_only"):
-        generator = MTLUEGenerator(tasks, 3, 16, 4 / 255, variant=variant, width=4)
-        delta = generator(torch.rand(2, 3, 16, 16), targets)
-        assert delta.shape == (2, 3, 16, 16) and delta.abs().max() <= 4 / 255 + 1e-7
+        for bound in ("tanh", "clamp"):
+            generator = MTLUEGenerator(tasks, 3, 16, 4 / 255, variant, 4, bound=bound)
+            delta = generator(torch.rand(2, 3, 16, 16), targets)
+            assert delta.shape == (2, 3, 16, 16) and delta.abs().max() <= 4 / 255 + 1e-7
     class_wise = MTLUEGenerator(tasks, 3, 16, 4 / 255, variant="class", width=4)
     same_labels = {"a": torch.tensor([1, 1]), "c": torch.tensor([0, 0])}
     delta = class_wise(torch.rand(2, 3, 16, 16), same_labels)
     assert torch.allclose(delta[0], delta[1])  # class-wise: δ depends on the labels only
+
+
+def test_the_tanh_bound_keeps_every_pixel_trainable_where_the_clamp_does_not():
+    tasks = [TaskSpec("a", "binary"), TaskSpec("c", "multiclass", 3)]
+    targets = {"a": torch.tensor([0, 1]), "c": torch.tensor([2, 0])}
+    trainable = {}
+    for bound in ("tanh", "clamp"):
+        torch.manual_seed(0)
+        generator = MTLUEGenerator(tasks, 3, 16, 4 / 255, "class", 4, bound=bound)
+        delta = generator(torch.rand(2, 3, 16, 16), targets)
+        (grad,) = torch.autograd.grad(delta.sum(), generator.decoder[-1].weight)
+        assert grad.abs().sum() > 0
+        trainable[bound] = float((delta.abs() < 4 / 255 - 1e-7).float().mean())
+    assert trainable["tanh"] == 1.0
+    assert trainable["clamp"] < 0.5  # most pixels saturate at initialisation: zero gradient
+    with pytest.raises(ConfigError, match="unknown bound 'sigmoid'"):
+        ProtectConfig(bound="sigmoid").validate()
+
+
+def test_tap_and_sep_share_one_clean_training_run(tiny, monkeypatch):
+    import raymtl.protect.bases as bases
+
+    calls = []
+    real_fit = bases.fit
+    monkeypatch.setattr(bases, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
+    monkeypatch.setattr(bases, "_CLEAN_RUNS", {})
+    config = SurrogateConfig(clean_epochs=2, sep_checkpoints=2, batch_size=64, seed=3)
+    tap = bases.UE_BASES.create("tap", tiny.tasks, 3, 16, config)
+    sep = bases.UE_BASES.create("sep", tiny.tasks, 3, 16, config)
+    tap.prepare(tiny.train)
+    sep.prepare(tiny.train)
+    assert len(calls) == 1
+    assert len(sep.models) == 2 and tap.models[0] is sep.models[-1]
+    other = bases.UE_BASES.create("sep", tiny.tasks, 3, 16, SurrogateConfig(clean_epochs=1))
+    other.prepare(tiny.train)
+    assert len(calls) == 2  # other settings: another run
 
 
 def test_tap_target_labels():

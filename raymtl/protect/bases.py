@@ -32,7 +32,8 @@ class SurrogateConfig:
     clean_epochs: int = 8
     batch_size: int = 128
     lr: float = 2e-3
-    em_steps_per_epoch: int = 2
+    em_steps_per_epoch: int = 2  # MTL-UE+EM: surrogate steps after each generator epoch
+    em_pgd_surrogate_steps: int = 10  # per-sample EM: surrogate steps before each PGD round
     em_stop_error: float = 0.01
     tap_stop_error: float = 0.9
     sep_checkpoints: int = 4
@@ -125,11 +126,28 @@ class UEBase(ABC):
 UE_BASES: Registry[UEBase] = Registry("base method")
 
 
-def _train_clean(base: UEBase, train: MultiTaskArrays, keep: int = 1) -> list[nn.Module]:
-    """One clean training run; returns ``keep`` evenly spaced checkpoints (the last included)."""
+_CLEAN_RUNS: dict[tuple, list[nn.Module]] = {}  # the last clean run, shared by TAP and SEP
+
+
+def _train_clean(base: UEBase, train: MultiTaskArrays) -> list[nn.Module]:
+    """One clean training run's ``sep_checkpoints`` evenly spaced snapshots (the last is the
+    final model). The run is cached in memory, so TAP, SEP and their MTL-UE versions on the same
+    data and surrogate settings share it instead of each training a clean model."""
     cfg = base.config
+    key = (
+        id(train.images),
+        train.images.data_ptr(),
+        len(train),
+        repr(cfg),
+        tuple(t.name for t in base.tasks),
+        base.in_channels,
+        base.image_size,
+    )
+    if key in _CLEAN_RUNS:
+        return _CLEAN_RUNS[key]
+    torch.manual_seed(cfg.seed)
     model = base.new_model()
-    epochs = cfg.clean_epochs
+    epochs, keep = cfg.clean_epochs, max(1, cfg.sep_checkpoints)
     wanted = {round(epochs * (i + 1) / keep) for i in range(keep)}
     snapshots: list[nn.Module] = []
 
@@ -149,6 +167,8 @@ def _train_clean(base: UEBase, train: MultiTaskArrays, keep: int = 1) -> list[nn
         eval_every=0,
     )
     fit(model, train, None, base.tasks, config, snapshot)
+    _CLEAN_RUNS.clear()
+    _CLEAN_RUNS[key] = snapshots
     return snapshots
 
 
@@ -207,10 +227,9 @@ class TargetedAdversarialPoisoning(UEBase):
     error on true labels >= tap_stop_error."""
 
     name = "tap"
-    checkpoints = 1
 
     def prepare(self, train: MultiTaskArrays) -> None:
-        self.models = _train_clean(self, train, keep=self.checkpoints)
+        self.models = _train_clean(self, train)[-1:]
 
     def loss(self, perturbed: Tensor, targets: dict[str, Tensor]) -> Tensor:
         wanted = {t.name: target_labels(t, targets[t.name]) for t in self.tasks}
@@ -244,7 +263,7 @@ class SelfEnsembleProtection(TargetedAdversarialPoisoning):
     name = "sep"
 
     def prepare(self, train: MultiTaskArrays) -> None:
-        self.models = _train_clean(self, train, keep=self.config.sep_checkpoints)
+        self.models = _train_clean(self, train)
 
     def stop_error(self) -> float:
         return self.config.sep_stop_error

@@ -25,7 +25,13 @@ from raymtl.data.base import MultiTaskArrays
 from raymtl.errors import ConfigError
 from raymtl.io import atomic_write_bytes
 from raymtl.protect.bases import UE_BASES, SurrogateConfig, UEBase
-from raymtl.protect.generator import VARIANTS, MTLUEGenerator, inter_task_loss, intra_task_loss
+from raymtl.protect.generator import (
+    BOUNDS,
+    VARIANTS,
+    MTLUEGenerator,
+    inter_task_loss,
+    intra_task_loss,
+)
 from raymtl.protect.store import quantise_delta
 from raymtl.registry import Registry
 from raymtl.tasks import TaskSpec
@@ -44,6 +50,7 @@ class ProtectConfig:
     lambda1: float = 10.0
     lambda2: float = 200.0
     variant: str = "sample"  # sample | class | z_only
+    bound: str = "tanh"  # tanh | clamp: how the generator keeps δ within ε
     epochs: int = 20  # generator epochs (cap) / EM-PGD rounds (cap)
     samples_per_epoch: int = 0  # generator: training samples drawn per epoch (0 = all)
     batch_size: int = 128
@@ -70,6 +77,8 @@ class ProtectConfig:
         for name in ("lambda1", "lambda2"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.bound not in BOUNDS:
+            raise ConfigError(f"unknown bound {self.bound!r}; available: {', '.join(BOUNDS)}")
         if self.variant not in VARIANTS:
             raise ConfigError(
                 f"unknown generator variant {self.variant!r}; available: {', '.join(VARIANTS)}"
@@ -164,7 +173,13 @@ def protect_mtlue(
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     generator = MTLUEGenerator(
-        tasks, in_channels, image_size, config.epsilon, config.variant, config.width
+        tasks,
+        in_channels,
+        image_size,
+        config.epsilon,
+        config.variant,
+        config.width,
+        bound=config.bound,
     )
     optimizer = torch.optim.Adam(
         generator.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -256,8 +271,9 @@ def protect_pgd(
     progress: bool = True,
 ) -> ProtectResult:
     """Per-sample PGD baseline: ``pgd_steps`` signed steps of ``pgd_step_size`` within ε that
-    minimise the base loss. EM alternates rounds of surrogate training and PGD until the
-    surrogate's error <= em_stop_error (at most ``epochs`` rounds); TAP/SEP run one pass."""
+    minimise the base loss. EM alternates a few surrogate steps (Huang et al.: 10) with a PGD
+    pass over every sample until the surrogate's error <= em_stop_error (at most ``epochs``
+    rounds), so the noise leads the surrogate; TAP/SEP run one pass."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     base: UEBase = UE_BASES.create(config.base, tasks, in_channels, image_size, config.surrogate)
@@ -288,7 +304,7 @@ def protect_pgd(
         if stopped:
             break
         if config.base == "em":
-            base.train_surrogate(perturb, train, max(1, len(train) // config.batch_size))
+            base.train_surrogate(perturb, train, config.surrogate.em_pgd_surrogate_steps)
         for index in _batches(len(train), config.batch_size, config.seed, round_number):
             batch = train.__getitems__(index.tolist())
             d = delta[index].clone()

@@ -1,0 +1,90 @@
+"""The victim matrix: cells, names checked up front, one table row per cell."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from raymtl.data import build_dataset
+from raymtl.errors import ConfigError
+from raymtl.matrix import Cell, main, matrix_cells
+from raymtl.protect import write_store
+
+TINY = ["--n-train", "48", "--n-test", "16", "--image-size", "16", "--epochs", "1"]
+
+
+def test_cells_cover_the_product_with_stl_once_per_backbone_and_defence():
+    cells = matrix_cells(["small_cnn"], ["ls", "uw"], ["mtl", "stl"], ["none", "jpeg"])
+    assert len(cells) == 2 * 2 + 2
+    assert Cell("small_cnn", "-", "stl", "jpeg") in cells
+    assert Cell("small_cnn", "uw", "mtl", "none") in cells
+    for bad, message in [
+        ((["resnet19"], ["ls"], ["mtl"], ["none"]), "unknown backbone 'resnet19'"),
+        ((["small_cnn"], ["nash"], ["mtl"], ["none"]), "unknown weighting strategy 'nash'"),
+        ((["small_cnn"], ["ls"], ["both"], ["none"]), "unknown mode 'both'"),
+        ((["small_cnn"], ["ls"], ["mtl"], ["blur"]), "unknown defence 'blur'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            matrix_cells(*bad)
+
+
+def test_matrix_command_writes_one_row_per_cell(tmp_path):
+    run = tmp_path / "run"
+    argv = [*TINY, "--weightings", "ls,uw", "--modes", "mtl,stl", "--defences", "none,bdr"]
+    assert main([*argv, "--run-dir", str(run)]) == 0
+    rows = list(csv.DictReader((run / "matrix.csv").open()))
+    assert len(rows) == 6
+    assert {(r["mode"], r["weighting"], r["defence"]) for r in rows} == {
+        ("mtl", "ls", "none"),
+        ("mtl", "uw", "none"),
+        ("mtl", "ls", "bdr"),
+        ("mtl", "uw", "bdr"),
+        ("stl", "-", "none"),
+        ("stl", "-", "bdr"),
+    }
+    assert all(0 <= float(r["mean_balanced_accuracy"]) <= 1 for r in rows)
+    table = (run / "matrix.md").read_text().strip().splitlines()
+    assert len(table) == 2 + 6
+    assert (run / "config.yaml").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_matrix_on_a_store_with_clean_reference(tmp_path):
+    bundle = build_dataset("synthetic", n_train=48, n_test=16, image_size=16)
+    deltas = np.full(tuple(bundle.train.images.shape), 8, np.int8)
+    write_store(
+        tmp_path / "store",
+        bundle.train.ids.numpy(),
+        deltas,
+        {"dataset": "synthetic", "dataset_options": bundle.options},
+    )
+    run = tmp_path / "run"
+    argv = ["--store", str(tmp_path / "store"), "--with-clean", "--epochs", "1"]
+    main([*argv, "--run-dir", str(run)])
+    rows = list(csv.DictReader((run / "matrix.csv").open()))
+    assert [r["data"] for r in rows] == ["protected", "clean"]
+    header = (run / "matrix.md").read_text().splitlines()[0]
+    assert "mean score (protected)" in header and "drop from clean" in header
+
+
+def test_matrix_refuses_a_single_defence_flag(tmp_path):
+    with pytest.raises(ConfigError, match="--defences"):
+        main([*TINY, "--defence", "jpeg", "--run-dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_matrix_cli_bad_name_is_one_line_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymtl.matrix", "--defences", "none,blur", "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "python -m raymtl.matrix: error: unknown defence 'blur'; available: bdr, grayscale, jpeg, pgd_at"
+    ]
+    assert not run.exists()
