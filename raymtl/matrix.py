@@ -27,6 +27,7 @@ from raymtl.cli import (
     train_config,
 )
 from raymtl.data import build_dataset
+from raymtl.data.base import materialise
 from raymtl.defences import DEFENCES
 from raymtl.engine import TrainConfig, train_and_evaluate
 from raymtl.errors import ConfigError
@@ -218,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = store.metadata
         options = dict(meta.get("dataset_options", {}))
         bundle = build_dataset(meta["dataset"], options.pop("root", None), **options)
-        datasets = {"protected": protect_split(bundle.train, store)}
+        datasets = {"protected": protect_split(materialise(bundle.train), store)}
         if args.with_clean:
             datasets["clean"] = bundle.train
     else:

@@ -15,6 +15,7 @@ from raymtl.cli import (
     write_test_results,
 )
 from raymtl.data import build_dataset
+from raymtl.data.base import materialise
 from raymtl.engine import train_and_evaluate
 from raymtl.errors import ConfigError
 from raymtl.models import create_model
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = store.metadata
     options = dict(meta.get("dataset_options", {}))
     bundle = build_dataset(meta["dataset"], options.pop("root", None), **options)
-    train = protect_split(bundle.train, store)
+    train = protect_split(materialise(bundle.train), store)
     if len(store.ids) != len(bundle.train):
         raise ConfigError(
             f"{args.store}: store holds {len(store.ids)} samples, the training split {len(bundle.train)}"

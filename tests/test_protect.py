@@ -392,3 +392,46 @@ def test_lsp_needs_no_base_and_rejects_unknown_combine():
     ProtectConfig(method="lsp", base="whatever").validate()
     with pytest.raises(ConfigError, match="combine must be one of average, grid"):
         ProtectConfig(method="lsp", combine="mosaic").validate()
+
+
+def test_real_format_data_is_protected_and_attacked_from_its_files(tmp_path):
+    """UTKFace-format files -> protect (LSP) -> victim, δ keyed by the files' stable ids."""
+    from raymtl.data.base import materialise
+    from raymtl.data.fake import write_utkface
+
+    root = write_utkface(tmp_path / "data", 40, size=40)
+    store, run = tmp_path / "store", tmp_path / "victim"
+    data = ["--dataset", "utkface", "--data-root", str(root)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymtl.protect", "--method", "lsp", "--out", str(store), *data],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    saved = PerturbationStore(store)
+    bundle = build_dataset("utkface", str(root))
+    assert sorted(saved.ids.tolist()) == sorted(bundle.train.ids.tolist())
+    once, twice = (
+        materialise(bundle.train, progress=False),
+        materialise(bundle.train, progress=False),
+    )
+    assert torch.equal(once.images, twice.images)  # deterministic decode: no random crop/flip
+    protected = protect_split(once, saved)
+    change = protected.images.short() - once.images.short()
+    assert 0 < change.abs().max() <= 8
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raymtl.victim",
+            "--store",
+            str(store),
+            "--epochs",
+            "1",
+            *["--run-dir", str(run)],
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mean score on the CLEAN test set" in proc.stdout

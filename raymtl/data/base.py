@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from raymtl.errors import ConfigError
 from raymtl.registry import Registry
@@ -85,6 +86,37 @@ def collate_batch(batch: Any) -> dict[str, Any] | None:
         return batch
     kept = [sample for sample in batch if sample is not None]
     return torch.utils.data.default_collate(kept) if kept else None
+
+
+def materialise(
+    dataset: Dataset, split: str = "train", batch_size: int = 256, progress: bool = True
+) -> MultiTaskArrays:
+    """A data set's samples decoded once, deterministically (no augmentation), into memory:
+    protection and victims on real-format data work on the same model-size pixels. Samples
+    skipped as bad (``on_bad_sample='skip'``) are left out."""
+    if isinstance(dataset, MultiTaskArrays):
+        return dataset
+    if hasattr(dataset, "subset") and getattr(dataset, "train", False):
+        dataset = dataset.subset(range(len(dataset)), split="materialise")  # no random crop/flip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch
+    )
+    images, ids, targets = [], [], {}
+    for batch in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=not progress):
+        if batch is None:
+            continue
+        images.append((batch["image"] * 255).round().clamp(0, 255).to(torch.uint8))
+        ids.append(batch["id"])
+        for name, value in batch["targets"].items():
+            targets.setdefault(name, []).append(value)
+    if not images:
+        raise ConfigError(f"{split} split: no readable sample to load")
+    return MultiTaskArrays(
+        torch.cat(images),
+        {name: torch.cat(parts) for name, parts in targets.items()},
+        torch.cat(ids),
+        split,
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from raymtl.cli import (
     run_main,
 )
 from raymtl.data import build_dataset
-from raymtl.data.base import MultiTaskArrays
+from raymtl.data.base import materialise
 from raymtl.errors import ConfigError
 from raymtl.protect import (
     UE_BASES,
@@ -139,17 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(
             f"--out {out}: already holds a finished perturbation store; choose another --out"
         )
-    bundle = build_dataset(args.dataset, args.data_root, **data_options(args))
-    if not isinstance(bundle.train, MultiTaskArrays):
-        raise ConfigError(
-            f"data set {bundle.name!r}: protection currently needs an in-memory data set (synthetic); real-format data sets come with issue 5"
-        )
+    build_options = data_options(args)
+    bundle = build_dataset(args.dataset, args.data_root, **build_options)
+    train = materialise(bundle.train)  # real formats: decoded once at the model's input size
     run = RunDir.create(out, "protect") if not out.exists() else RunDir(out)
     run.write_config(
         {"dataset": {"name": bundle.name, **bundle.options}, "protect": config.to_dict()}
     )
     result = protect(
-        bundle.train,
+        train,
         bundle.tasks,
         bundle.in_channels,
         bundle.image_size,
@@ -164,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lambda2": config.lambda2,
         "variant": config.variant,
         "dataset": bundle.name,
-        "dataset_options": bundle.options,
+        # What rebuilds the same data set (victim, matrix); dataset_info is what it reported.
+        "dataset_options": {**build_options, "root": args.data_root},
+        "dataset_info": bundle.options,
         "seed": config.seed,
         "raymtl": raymtl.__version__,
         "config": config.to_dict(),
