@@ -21,8 +21,28 @@ from raymtl.errors import ConfigError
 from raymtl.models import create_model
 from raymtl.protect.store import PerturbationStore, protect_split
 from raymtl.rundir import RunDir
+from raymtl.tasks import TaskSpec, mean_primary
 
 PROG = "python -m raymtl.victim"
+
+
+def split_by_protection(
+    test: dict, tasks: list[TaskSpec], protected: list[str] | None
+) -> str | None:
+    """Partial-task protection: add the mean score of the protected and of the unprotected tasks
+    to ``test`` and return a line that says both (None when every task was protected)."""
+    if not protected or set(protected) >= {t.name for t in tasks}:
+        return None
+    groups = {
+        "protected": [t for t in tasks if t.name in protected],
+        "unprotected": [t for t in tasks if t.name not in protected],
+    }
+    for group, members in groups.items():
+        test[f"{group}_mean_score"] = mean_primary(test["tasks"], members)
+    return (
+        f"protected tasks ({len(groups['protected'])}): mean score {test['protected_mean_score']:.4f}; "
+        f"unprotected tasks ({len(groups['unprotected'])}): {test['unprotected_mean_score']:.4f}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train_and_evaluate(
         args.mode, make, train, bundle.test, bundle.tasks, config, run.log_metrics
     )
+    split_note = split_by_protection(result.test, bundle.tasks, meta.get("protected_tasks"))
     write_test_results(run, result.test, bundle.tasks, result.seconds)
+    if split_note:
+        print(split_note)
     print(
         f"victim ({args.mode}) trained on protected data, mean score on the CLEAN test set: {result.test['mean_score']:.4f}"
     )

@@ -1,5 +1,6 @@
 """Protection: δ bounds, δ keyed by sample id, resuming, regularisers, bad input."""
 
+import json
 import re
 import subprocess
 import sys
@@ -435,3 +436,85 @@ def test_real_format_data_is_protected_and_attacked_from_its_files(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "mean score on the CLEAN test set" in proc.stdout
+
+
+def test_partial_protection_never_injects_unprotected_labels(tiny):
+    tasks = tiny.tasks
+    generator = MTLUEGenerator(tasks, 3, 16, 8 / 255, "class", 4, unprotected=["left", "hue"])
+    batch = tiny.train.__getitems__(list(range(8)))
+    flipped = dict(batch["targets"])
+    flipped["left"] = 1 - flipped["left"]
+    flipped["hue"] = (flipped["hue"] + 1) % 6
+    assert torch.equal(
+        generator(batch["image"], batch["targets"]), generator(batch["image"], flipped)
+    )
+    flipped["large"] = 1 - flipped["large"]
+    assert not torch.equal(
+        generator(batch["image"], batch["targets"]), generator(batch["image"], flipped)
+    )
+    # LSP: δ is a function of the protected tasks' labels only.
+    result = protect(
+        tiny.train,
+        tasks,
+        3,
+        16,
+        _config(method="lsp", protected_tasks=["large", "top"]),
+        progress=False,
+    )
+    key = torch.stack([tiny.train.targets["large"], tiny.train.targets["top"]], 1).tolist()
+    first = {}
+    for row, k in enumerate(map(tuple, key)):
+        if k in first:
+            assert np.array_equal(result.deltas[row], result.deltas[first[k]])
+        first.setdefault(k, row)
+    assert len(first) == 4
+    with pytest.raises(ConfigError, match="protected task 'smile' is not a task of this data set"):
+        protect(tiny.train, tasks, 3, 16, _config(protected_tasks=["smile"]), progress=False)
+
+
+def test_partial_protection_end_to_end_reports_both_groups(tmp_path):
+    store, run = tmp_path / "store", tmp_path / "victim"
+    common = ["--n-train", "64", "--n-test", "32", "--image-size", "16"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raymtl.protect",
+            "--method",
+            "mtlue",
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--protect-tasks",
+            "large,left",
+            "--out",
+            str(store),
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert PerturbationStore(store).metadata["protected_tasks"] == ["large", "left"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raymtl.victim",
+            "--store",
+            str(store),
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(
+        r"protected tasks \(2\): mean score [0-9.]+; unprotected tasks \(12\)", proc.stdout
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"protected_mean_score", "unprotected_mean_score"} <= set(metrics["test"])

@@ -27,7 +27,7 @@ from raymtl.protect import (
     write_store,
 )
 from raymtl.protect.generator import VARIANTS
-from raymtl.protect.run import COMBINE_MODES
+from raymtl.protect.run import COMBINE_MODES, protected_subset
 from raymtl.protect.store import STORE_FILE
 from raymtl.rundir import RunDir
 
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator encoder width; 64 = the paper's (default: 32)",
     )
     parser.add_argument(
+        "--protect-tasks",
+        default=None,
+        help="partial-task protection: comma-separated tasks to protect (default: all tasks)",
+    )
+    parser.add_argument(
         "--combine",
         choices=COMBINE_MODES,
         default="average",
@@ -130,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs=args.epochs,
         width=args.width,
         combine=args.combine,
+        protected_tasks=(
+            [t.strip() for t in args.protect_tasks.split(",") if t.strip()]
+            if args.protect_tasks is not None
+            else None
+        ),
         patch_size=args.patch_size,
         seed=args.seed,
         surrogate=SurrogateConfig(clean_epochs=args.clean_epochs, seed=args.seed),
@@ -141,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     build_options = data_options(args)
     bundle = build_dataset(args.dataset, args.data_root, **build_options)
+    protected_subset(bundle.tasks, config.protected_tasks)  # unknown names: before any output
     train = materialise(bundle.train)  # real formats: decoded once at the model's input size
     run = RunDir.create(out, "protect") if not out.exists() else RunDir(out)
     run.write_config(
@@ -161,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lambda1": config.lambda1,
         "lambda2": config.lambda2,
         "variant": config.variant,
+        "protected_tasks": [t.name for t in protected_subset(bundle.tasks, config.protected_tasks)],
         "dataset": bundle.name,
         # What rebuilds the same data set (victim, matrix); dataset_info is what it reported.
         "dataset_options": {**build_options, "root": args.data_root},

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from raymtl.data.base import MultiTaskArrays
 from raymtl.errors import ConfigError
-from raymtl.protect.run import UE_METHODS, ProtectConfig, ProtectResult
+from raymtl.protect.run import UE_METHODS, ProtectConfig, ProtectResult, protected_subset
 from raymtl.protect.store import quantise_delta
 from raymtl.tasks import TaskSpec
 
@@ -87,6 +87,7 @@ def protect_lsp(
     if any(t.dense for t in tasks):
         raise ConfigError("lsp: class-wise patterns need classification tasks, not dense maps")
     start = time.perf_counter()
+    tasks = protected_subset(tasks, config.protected_tasks)
     patterns = class_patterns(tasks, in_channels, image_size, config.patch_size, config.seed)
     parts = []
     for first in range(0, len(train), 1024):

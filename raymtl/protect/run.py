@@ -50,6 +50,7 @@ class ProtectConfig:
     lambda1: float = 10.0
     lambda2: float = 200.0
     variant: str = "sample"  # sample | class | z_only
+    protected_tasks: list[str] | None = None  # partial-task protection: these tasks only
     bound: str = "tanh"  # tanh | clamp: how the generator keeps δ within ε
     epochs: int = 20  # generator epochs (cap) / EM-PGD rounds (cap)
     samples_per_epoch: int = 0  # generator: training samples drawn per epoch (0 = all)
@@ -169,9 +170,12 @@ def protect_mtlue(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
 ) -> ProtectResult:
-    """Train an MTL-UE generator against the base loss (+ λ1, λ2 regularisers); δ for every sample."""
+    """Train an MTL-UE generator against the base loss (+ λ1, λ2 regularisers); δ for every sample.
+    With partial-task protection the base loss covers the protected tasks only, and each
+    unprotected task feeds the decoder the mean of its class embeddings (its labels never enter δ)."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
+    protected = protected_subset(tasks, config.protected_tasks)
     generator = MTLUEGenerator(
         tasks,
         in_channels,
@@ -179,6 +183,7 @@ def protect_mtlue(
         config.epsilon,
         config.variant,
         config.width,
+        unprotected=[t.name for t in tasks if t not in protected],
         bound=config.bound,
     )
     optimizer = torch.optim.Adam(
@@ -186,7 +191,9 @@ def protect_mtlue(
     )
     milestones = sorted({max(1, round(config.epochs * f)) for f in (0.6, 0.8)})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
-    base: UEBase = UE_BASES.create(config.base, tasks, in_channels, image_size, config.surrogate)
+    base: UEBase = UE_BASES.create(
+        config.base, protected, in_channels, image_size, config.surrogate
+    )
     state = _load(checkpoint_dir, config.fingerprint())
     log: list[dict[str, float]] = []
     first_epoch, stopped = 0, False
@@ -276,7 +283,10 @@ def protect_pgd(
     rounds), so the noise leads the surrogate; TAP/SEP run one pass."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    base: UEBase = UE_BASES.create(config.base, tasks, in_channels, image_size, config.surrogate)
+    protected = protected_subset(tasks, config.protected_tasks)
+    base: UEBase = UE_BASES.create(
+        config.base, protected, in_channels, image_size, config.surrogate
+    )
     state = _load(checkpoint_dir, config.fingerprint())
     if state is not None:
         delta = state["delta"]
@@ -340,6 +350,21 @@ def protect_pgd(
     )
 
 
+def protected_subset(tasks: Sequence[TaskSpec], names: Sequence[str] | None) -> list[TaskSpec]:
+    """The tasks to protect (all when ``names`` is None); ConfigError on an unknown name."""
+    if names is None:
+        return list(tasks)
+    known = {t.name for t in tasks}
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"protected task {name!r} is not a task of this data set; tasks: {', '.join(t.name for t in tasks)}"
+            )
+    if not names:
+        raise ConfigError("protected_tasks is empty: name at least one task to protect")
+    return [t for t in tasks if t.name in set(names)]
+
+
 def protect(
     train: MultiTaskArrays,
     tasks: Sequence[TaskSpec],
@@ -351,6 +376,7 @@ def protect(
 ) -> ProtectResult:
     """Run the configured protection method on a training split."""
     config.validate()
+    protected_subset(tasks, config.protected_tasks)  # unknown task names fail before any work
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
