@@ -44,6 +44,25 @@ def _config(**kw):
     return ProtectConfig(**{**settings, **kw})
 
 
+def _module(name, *args):
+    """Run ``python -m <name> args``; the finished process (checked for success)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", name, *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _assert_delta_follows_labels(deltas, label_rows):
+    """Rows with equal label tuples carry equal δ; returns the number of distinct tuples."""
+    first = {}
+    for row, key in enumerate(map(tuple, label_rows)):
+        if key in first:
+            assert np.array_equal(deltas[row], deltas[first[key]])
+        first.setdefault(key, row)
+    return len(first)
+
+
 @pytest.mark.parametrize(
     ("method", "base"),
     [("mtlue", "em"), ("mtlue", "tap"), ("mtlue", "sep"), ("pgd", "em"), ("pgd", "tap")],
@@ -374,12 +393,7 @@ def test_lsp_is_class_wise_per_task_within_epsilon(tiny, combine):
     )
     assert np.abs(result.deltas).max() == 8
     labels = np.stack([tiny.train.targets[t.name].numpy() for t in tiny.tasks], 1)
-    # δ is a function of the label vector only: equal labels -> equal δ.
-    first = {}
-    for row, key in enumerate(map(tuple, labels)):
-        if key in first:
-            assert np.array_equal(result.deltas[row], result.deltas[first[key]])
-        first.setdefault(key, row)
+    _assert_delta_follows_labels(result.deltas, labels)  # a function of the label vector only
     if combine == "grid":
         # In task k's region, δ depends on task k's label alone.
         for k, (rows, cols) in enumerate(grid_regions(len(tiny.tasks), 16)):
@@ -403,12 +417,7 @@ def test_real_format_data_is_protected_and_attacked_from_its_files(tmp_path):
     root = write_utkface(tmp_path / "data", 40, size=40)
     store, run = tmp_path / "store", tmp_path / "victim"
     data = ["--dataset", "utkface", "--data-root", str(root)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "raymtl.protect", "--method", "lsp", "--out", str(store), *data],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
+    _module("raymtl.protect", "--method", "lsp", "--out", store, *data)
     saved = PerturbationStore(store)
     bundle = build_dataset("utkface", str(root))
     assert sorted(saved.ids.tolist()) == sorted(bundle.train.ids.tolist())
@@ -420,21 +429,7 @@ def test_real_format_data_is_protected_and_attacked_from_its_files(tmp_path):
     protected = protect_split(once, saved)
     change = protected.images.short() - once.images.short()
     assert 0 < change.abs().max() <= 8
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raymtl.victim",
-            "--store",
-            str(store),
-            "--epochs",
-            "1",
-            *["--run-dir", str(run)],
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _module("raymtl.victim", "--store", store, "--epochs", 1, "--run-dir", run)
     assert "mean score on the CLEAN test set" in proc.stdout
 
 
@@ -462,12 +457,7 @@ def test_partial_protection_never_injects_unprotected_labels(tiny):
         progress=False,
     )
     key = torch.stack([tiny.train.targets["large"], tiny.train.targets["top"]], 1).tolist()
-    first = {}
-    for row, k in enumerate(map(tuple, key)):
-        if k in first:
-            assert np.array_equal(result.deltas[row], result.deltas[first[k]])
-        first.setdefault(k, row)
-    assert len(first) == 4
+    assert _assert_delta_follows_labels(result.deltas, key) == 4
     with pytest.raises(ConfigError, match="protected task 'smile' is not a task of this data set"):
         protect(tiny.train, tasks, 3, 16, _config(protected_tasks=["smile"]), progress=False)
 
@@ -475,44 +465,20 @@ def test_partial_protection_never_injects_unprotected_labels(tiny):
 def test_partial_protection_end_to_end_reports_both_groups(tmp_path):
     store, run = tmp_path / "store", tmp_path / "victim"
     common = ["--n-train", "64", "--n-test", "32", "--image-size", "16"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raymtl.protect",
-            "--method",
-            "mtlue",
-            "--epochs",
-            "1",
-            "--width",
-            "4",
-            "--protect-tasks",
-            "large,left",
-            "--out",
-            str(store),
-            *common,
-        ],
-        capture_output=True,
-        text=True,
+    _module(
+        "raymtl.protect",
+        "--epochs",
+        1,
+        "--width",
+        4,
+        "--protect-tasks",
+        "large,left",
+        "--out",
+        store,
+        *common,
     )
-    assert proc.returncode == 0, proc.stderr
     assert PerturbationStore(store).metadata["protected_tasks"] == ["large", "left"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raymtl.victim",
-            "--store",
-            str(store),
-            "--epochs",
-            "1",
-            "--run-dir",
-            str(run),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _module("raymtl.victim", "--store", store, "--epochs", 1, "--run-dir", run)
     assert re.search(
         r"protected tasks \(2\): mean score [0-9.]+; unprotected tasks \(12\)", proc.stdout
     )
