@@ -1,7 +1,7 @@
 """The MTL-UE paper's table on the embedded synthetic set: the MTL victim's mean balanced accuracy
 on the CLEAN test set after training on clean | EM | TAP | SEP (per-sample PGD) | MTL-UE+EM |
 MTL-UE+TAP | MTL-UE+SEP data, at ε = 8/255, with the small CNN. Lower is better for protection.
-The surrogate-free LSP cells (average / grid combination) are available with --cells.
+The surrogate-free LSP (average / grid combination) and AR cells are available with --cells.
 
 Writes table.csv and table.md to --out and prints the table.
 Usage: python benchmarks/mtlue_table.py [--n-train N] [--cells clean,LSP] [--out DIR] [...]
@@ -36,6 +36,7 @@ CELLS: dict[str, tuple[str, str, dict] | None] = {
     "MTL-UE+SEP": ("mtlue", "sep", {}),
     "LSP": ("lsp", "em", {"combine": "average"}),
     "LSP-grid": ("lsp", "em", {"combine": "grid"}),
+    "AR": ("ar", "em", {}),
 }
 DEFAULT_CELLS = ["clean", "EM", "TAP", "SEP", "MTL-UE+EM", "MTL-UE+TAP", "MTL-UE+SEP"]
 

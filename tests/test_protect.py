@@ -267,7 +267,7 @@ def test_tap_target_labels():
         (["--epsilon", "8/0"], "argument --epsilon: expected a number or a fraction like 8/255"),
         (["--lambda2", "-3"], "lambda2 must be >= 0"),
         (["--base", "lsp"], "unknown base method 'lsp'; available: em, sep, tap"),
-        (["--method", "magic"], "unknown protection method 'magic'; available: lsp, mtlue, pgd"),
+        (["--method", "magic"], "unknown protection method 'magic'; available: ar, lsp, mtlue, pgd"),
     ],
 )
 def test_protect_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, args, message):
@@ -484,3 +484,29 @@ def test_partial_protection_end_to_end_reports_both_groups(tmp_path):
     )
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"protected_mean_score", "unprotected_mean_score"} <= set(metrics["test"])
+
+
+def test_ar_patterns_follow_their_own_recurrence_and_delta_follows_labels(tiny):
+    from raymtl.protect.autoregressive import ar_patterns
+
+    patterns, weights = ar_patterns(tiny.tasks[:2], 3, 16, seed=1)
+
+    def residual(pattern, w):
+        # p[i, j] minus its prediction from the 8 earlier window positions, over the interior.
+        p = pattern.double().numpy()
+        out = [
+            p[:, i, j] - np.einsum("ab,cab->c", w, p[:, i - 2 : i + 1, j - 2 : j + 1])
+            for i in range(2, 16)
+            for j in range(2, 16)
+        ]
+        return np.abs(np.stack(out)).max()
+
+    for task in tiny.tasks[:2]:
+        own, other = patterns[task.name], weights[task.name]
+        assert residual(own[0], other[0]) < 1e-4  # each class's filter annihilates its pattern
+        assert residual(own[0], other[1]) > 1e-2  # ...but not another class's
+        assert (own.abs() > 0.05).float().mean() >= 0.5  # no degenerate (exploded) pattern
+    result = protect(tiny.train, tiny.tasks, 3, 16, _config(method="ar"), progress=False)
+    assert np.abs(result.deltas).max() == 8
+    labels = np.stack([tiny.train.targets[t.name].numpy() for t in tiny.tasks], 1)
+    _assert_delta_follows_labels(result.deltas, labels)
