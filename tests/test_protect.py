@@ -267,7 +267,10 @@ def test_tap_target_labels():
         (["--epsilon", "8/0"], "argument --epsilon: expected a number or a fraction like 8/255"),
         (["--lambda2", "-3"], "lambda2 must be >= 0"),
         (["--base", "lsp"], "unknown base method 'lsp'; available: em, sep, tap"),
-        (["--method", "magic"], "unknown protection method 'magic'; available: ar, lsp, mtlue, pgd"),
+        (
+            ["--method", "magic"],
+            "unknown protection method 'magic'; available: ar, lsp, mtlue, pgd",
+        ),
     ],
 )
 def test_protect_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, args, message):
