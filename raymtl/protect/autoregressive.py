@@ -20,9 +20,8 @@ from torch import Tensor
 
 from raymtl.data.base import MultiTaskArrays
 from raymtl.errors import ConfigError
-from raymtl.protect.patterns import combine_patterns
+from raymtl.protect.patterns import class_wise_deltas
 from raymtl.protect.run import UE_METHODS, ProtectConfig, ProtectResult, protected_subset
-from raymtl.protect.store import quantise_delta
 from raymtl.tasks import TaskSpec
 
 
@@ -89,13 +88,7 @@ def protect_ar(
     start = time.perf_counter()
     tasks = protected_subset(tasks, config.protected_tasks)
     patterns, _ = ar_patterns(tasks, in_channels, image_size, config.seed)
-    parts = []
-    for first in range(0, len(train), 1024):
-        rows = list(range(first, min(first + 1024, len(train))))
-        targets = {t.name: train.targets[t.name][rows] for t in tasks}
-        delta = combine_patterns(patterns, tasks, targets, config.epsilon, "average")
-        parts.append(quantise_delta(delta, config.epsilon))
-    deltas = np.concatenate(parts)
+    deltas = class_wise_deltas(train, tasks, patterns, config.epsilon, "average")
     return ProtectResult(train.ids.numpy().copy(), deltas, [], time.perf_counter() - start)
 
 

@@ -73,6 +73,24 @@ def combine_patterns(
     return delta
 
 
+def class_wise_deltas(
+    train: MultiTaskArrays,
+    tasks: Sequence[TaskSpec],
+    patterns: dict[str, Tensor],
+    epsilon: float,
+    mode: str,
+) -> np.ndarray:
+    """Integer δ for every training sample from per-task class patterns (batches of 1,024)."""
+    parts = []
+    for first in range(0, len(train), 1024):
+        rows = list(range(first, min(first + 1024, len(train))))
+        targets = {t.name: train.targets[t.name][rows] for t in tasks}
+        parts.append(
+            quantise_delta(combine_patterns(patterns, tasks, targets, epsilon, mode), epsilon)
+        )
+    return np.concatenate(parts)
+
+
 @UE_METHODS.register("lsp")
 def protect_lsp(
     train: MultiTaskArrays,
@@ -89,13 +107,7 @@ def protect_lsp(
     start = time.perf_counter()
     tasks = protected_subset(tasks, config.protected_tasks)
     patterns = class_patterns(tasks, in_channels, image_size, config.patch_size, config.seed)
-    parts = []
-    for first in range(0, len(train), 1024):
-        rows = list(range(first, min(first + 1024, len(train))))
-        targets = {t.name: train.targets[t.name][rows] for t in tasks}
-        delta = combine_patterns(patterns, tasks, targets, config.epsilon, config.combine)
-        parts.append(quantise_delta(delta, config.epsilon))
-    deltas = np.concatenate(parts)
+    deltas = class_wise_deltas(train, tasks, patterns, config.epsilon, config.combine)
     return ProtectResult(train.ids.numpy().copy(), deltas, [], time.perf_counter() - start)
 
 
