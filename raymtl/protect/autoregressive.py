@@ -10,7 +10,6 @@ A sample's δ is the mean of its tasks' class patterns, rescaled so that max |δ
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import torch
 from torch import Tensor
 
 from raymtl.data.base import MultiTaskArrays
-from raymtl.errors import ConfigError
-from raymtl.protect.patterns import class_wise_deltas
-from raymtl.protect.run import UE_METHODS, ProtectConfig, ProtectResult, protected_subset
+from raymtl.protect.patterns import protect_class_wise
+from raymtl.protect.run import UE_METHODS, ProtectConfig, ProtectResult
 from raymtl.tasks import TaskSpec
 
 
@@ -83,13 +81,14 @@ def protect_ar(
     progress: bool = True,
 ) -> ProtectResult:
     """Class-wise AR patterns per task, averaged per sample (no surrogate, no training)."""
-    if any(t.dense for t in tasks):
-        raise ConfigError("ar: class-wise patterns need classification tasks, not dense maps")
-    start = time.perf_counter()
-    tasks = protected_subset(tasks, config.protected_tasks)
-    patterns, _ = ar_patterns(tasks, in_channels, image_size, config.seed)
-    deltas = class_wise_deltas(train, tasks, patterns, config.epsilon, "average")
-    return ProtectResult(train.ids.numpy().copy(), deltas, [], time.perf_counter() - start)
+    return protect_class_wise(
+        "ar",
+        train,
+        tasks,
+        config,
+        lambda chosen: ar_patterns(chosen, in_channels, image_size, config.seed)[0],
+        "average",
+    )
 
 
 protect_ar.uses_base = False  # type: ignore[attr-defined]

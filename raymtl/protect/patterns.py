@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,25 @@ def class_wise_deltas(
     return np.concatenate(parts)
 
 
+def protect_class_wise(
+    method: str,
+    train: MultiTaskArrays,
+    tasks: Sequence[TaskSpec],
+    config: ProtectConfig,
+    make_patterns: Callable[[list[TaskSpec]], dict[str, Tensor]],
+    mode: str,
+) -> ProtectResult:
+    """Shared body of the surrogate-free methods: patterns for the protected tasks, δ per sample."""
+    if any(t.dense for t in tasks):
+        raise ConfigError(
+            f"{method}: class-wise patterns need classification tasks, not dense maps"
+        )
+    start = time.perf_counter()
+    protected = protected_subset(tasks, config.protected_tasks)
+    deltas = class_wise_deltas(train, protected, make_patterns(protected), config.epsilon, mode)
+    return ProtectResult(train.ids.numpy().copy(), deltas, [], time.perf_counter() - start)
+
+
 @UE_METHODS.register("lsp")
 def protect_lsp(
     train: MultiTaskArrays,
@@ -102,13 +121,16 @@ def protect_lsp(
     progress: bool = True,
 ) -> ProtectResult:
     """Class-wise patch patterns per task, combined per sample (no surrogate, no training)."""
-    if any(t.dense for t in tasks):
-        raise ConfigError("lsp: class-wise patterns need classification tasks, not dense maps")
-    start = time.perf_counter()
-    tasks = protected_subset(tasks, config.protected_tasks)
-    patterns = class_patterns(tasks, in_channels, image_size, config.patch_size, config.seed)
-    deltas = class_wise_deltas(train, tasks, patterns, config.epsilon, config.combine)
-    return ProtectResult(train.ids.numpy().copy(), deltas, [], time.perf_counter() - start)
+    return protect_class_wise(
+        "lsp",
+        train,
+        tasks,
+        config,
+        lambda chosen: class_patterns(
+            chosen, in_channels, image_size, config.patch_size, config.seed
+        ),
+        config.combine,
+    )
 
 
 protect_lsp.uses_base = False  # type: ignore[attr-defined]
