@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from raymtl.cli import (
     OneLineArgumentParser,
@@ -15,7 +17,8 @@ from raymtl.cli import (
     write_test_results,
 )
 from raymtl.data import build_dataset
-from raymtl.data.base import materialise
+from raymtl.data.base import DatasetBundle, materialise
+from raymtl.data.files import EXPORT_MARKER
 from raymtl.engine import train_and_evaluate
 from raymtl.errors import ConfigError
 from raymtl.models import create_model
@@ -45,11 +48,30 @@ def split_by_protection(
     )
 
 
+def read_export(folder: str) -> tuple[dict, DatasetBundle]:
+    """An exported protected folder: its store's metadata and the data set read from it."""
+    marker_path = Path(folder) / EXPORT_MARKER
+    if not marker_path.is_file():
+        raise ConfigError(
+            f"{marker_path}: missing file (not a folder written by python -m raymtl.protect.export)"
+        )
+    try:
+        marker = json.loads(marker_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{marker_path}: not valid JSON: {err}") from None
+    options = dict(marker.get("dataset_options", {}))
+    options.pop("root", None)
+    return marker.get("store_metadata", {}), build_dataset(marker["dataset"], folder, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = OneLineArgumentParser(prog=PROG, description=__doc__)
-    parser.add_argument(
-        "--store", required=True, help="perturbation store written by python -m raymtl.protect"
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="perturbation store written by python -m raymtl.protect")
+    source.add_argument(
+        "--exported",
+        help="a protected data set written by python -m raymtl.protect.export (its own format)",
     )
     add_model_arguments(parser)
     add_training_arguments(parser, "victim")
@@ -61,19 +83,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_names(backbone=args.backbone)
     config = train_config(args)
-    store = PerturbationStore(args.store)
-    meta = store.metadata
-    options = dict(meta.get("dataset_options", {}))
-    bundle = build_dataset(meta["dataset"], options.pop("root", None), **options)
-    train = protect_split(materialise(bundle.train), store)
-    if len(store.ids) != len(bundle.train):
-        raise ConfigError(
-            f"{args.store}: store holds {len(store.ids)} samples, the training split {len(bundle.train)}"
-        )
+    if args.store is not None:
+        store = PerturbationStore(args.store)
+        meta = store.metadata
+        options = dict(meta.get("dataset_options", {}))
+        bundle = build_dataset(meta["dataset"], options.pop("root", None), **options)
+        train = protect_split(materialise(bundle.train), store)
+        if len(store.ids) != len(bundle.train):
+            raise ConfigError(
+                f"{args.store}: store holds {len(store.ids)} samples, the training split {len(bundle.train)}"
+            )
+    else:
+        meta, bundle = read_export(args.exported)
+        train = materialise(bundle.train)  # the export's pixels already carry δ
     run = RunDir.create(args.run_dir, "victim")
     run.write_config(
         {
-            "store": str(args.store),
+            "store": str(args.store) if args.store else None,
+            "exported": str(args.exported) if args.exported else None,
             "store_metadata": {k: v for k, v in meta.items() if k != "log"},
             "backbone": args.backbone,
             "mode": args.mode,

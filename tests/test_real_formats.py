@@ -22,7 +22,7 @@ from raymtl.data.fake import (
     write_utkface,
 )
 from raymtl.data.files import BadSampleError, hashed_id
-from raymtl.data.utkface import age_bin, parse_name
+from raymtl.data.utkface import age_bin, name_stem, parse_name
 from raymtl.engine import make_loader
 from raymtl.errors import ConfigError
 from raymtl.tasks import IGNORE_INDEX
@@ -200,8 +200,9 @@ def test_utkface_names_age_bins_and_malformed_names(tmp_path):
     assert len(bundle.train) + len(bundle.test) == 30
     names = sorted(p.name for p in (root / "UTKFace").iterdir() if parse_name(p.name))
     assert set(bundle.train.ids.tolist()) | set(bundle.test.ids.tolist()) == {
-        hashed_id(n) for n in names
+        hashed_id(n.removesuffix(".jpg.chip.jpg")) for n in names
     }
+    assert name_stem("26_1_3_2017.jpg.chip.png") == name_stem("26_1_3_2017.jpg") == "26_1_3_2017"
     assert bundle.train[0]["image"].shape == (3, 128, 128)
 
 

@@ -126,3 +126,12 @@ def test_contrast_option_keeps_labels_and_lowers_feature_contrast():
     assert (spread(faint.train.images) < spread(default.train.images)).float().mean() > 0.9
     with pytest.raises(ConfigError, match=r"contrast must be in \(0, 1\], got 0.0"):
         build_dataset("synthetic", n_train=4, n_test=4, contrast=0)
+
+
+def test_options_given_as_text_are_parsed_or_rejected_in_one_line():
+    bundle = build_dataset("synthetic", n_train="12", n_test="4", image_size="16")
+    assert len(bundle.train) == 12 and bundle.image_size == 16
+    with pytest.raises(ConfigError, match="n_train must be an integer, got 'many'"):
+        build_dataset("synthetic", n_train="many")
+    with pytest.raises(ConfigError, match="contrast must be a number, got 'low'"):
+        build_dataset("synthetic", contrast="low")

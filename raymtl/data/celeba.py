@@ -129,6 +129,7 @@ class CelebAFormat(FileFormat):
     """CelebA's 40 binary attributes (or a chosen subset) from the aligned-and-cropped images."""
 
     in_channels = 3
+    label_files = (ATTR_FILE, PARTITION_FILE)
 
     def __init__(
         self, attributes: list[str] | None = None, crop: int = 140, resize: int = 70, size: int = 64

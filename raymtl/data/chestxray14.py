@@ -96,6 +96,8 @@ class ChestXray14Format(FileFormat):
     """14 binary findings on grayscale chest X-rays."""
 
     in_channels = 1
+    image_mode = "L"
+    label_files = (ENTRY_FILE, TRAIN_LIST, TEST_LIST)
 
     def __init__(self, resize: int = 256, size: int = 224) -> None:
         super().__init__("chestxray14", ("image",), {"resize": resize, "size": size})

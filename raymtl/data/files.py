@@ -16,7 +16,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ from raymtl.tasks import TaskSpec
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
+EXPORT_MARKER = "raymtl_export.json"  # an exported (protected) copy, images at model input size
 BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
@@ -159,7 +160,7 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
 def to_chw_uint8(image: Image.Image) -> np.ndarray:
     """PIL image to a uint8 array [C, H, W]."""
     array = np.asarray(image, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+    return array[None].copy() if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
 def crop_and_flip(
@@ -219,8 +220,28 @@ class FileFormat(ABC):
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One sample's image ([C,H,W], uint8 or float32 in [0,1]) and dense targets from its bytes."""
 
-    in_channels: int = 3
-    image_size: int = 64
+    # Class-level defaults that subclasses override (ClassVar: not constructor fields, which
+    # would reset a subclass's value when it calls this class's __init__).
+    in_channels: ClassVar[int] = 3
+    image_size: ClassVar[int] = 64
+    image_mode: ClassVar[str] = "RGB"  # PIL mode of the images ('L' for grayscale)
+    label_files: ClassVar[tuple[str, ...]] = ()  # text files naming the images (export rewrites)
+    preprocessed: ClassVar[bool] = False  # True for raymtl exports: images at the model's size
+
+    def exported_name(self, relative: str) -> str:
+        """Where an image goes in an export: the same path, as a lossless PNG (δ survives)."""
+        stem, dot, _ = relative.rpartition(".")
+        return f"{stem}.png" if dot else f"{relative}.png"
+
+    def decode_preprocessed(self, files: dict[str, bytes]) -> tuple[np.ndarray, dict]:
+        """An exported image: already cropped and resized, so decoded as it is (no geometry)."""
+        image = to_chw_uint8(decode_image(files["image"], self.image_mode, f"{self.name} image"))
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if image.shape != expected:
+            raise BadSampleError(
+                f"exported image has shape {image.shape}, expected {expected} (the export's image size)"
+            )
+        return image, {}
 
 
 def read_manifest(root: DataRoot) -> dict[str, Any] | None:
@@ -242,6 +263,8 @@ def decode_with_path(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``fmt.decode`` whose BadSampleError names the sample's file (``where``)."""
     try:
+        if fmt.preprocessed:
+            return fmt.decode_preprocessed(files)
         return fmt.decode(files, train, rng)
     except BadSampleError as err:
         raise BadSampleError(f"{where}: {err}") from None
@@ -437,6 +460,8 @@ def build_file_bundle(
         )
     else:
         index = fmt.index(data_root)
+    if data_root.is_file(EXPORT_MARKER):
+        mark_exported(fmt, data_root)
     splits = sorted(set(index["split"].to_pylist()))
     if "train" not in splits or "test" not in splits:
         raise ConfigError(
@@ -457,6 +482,22 @@ def build_file_bundle(
         },
         source=FileSource(fmt, data_root, index, shards),
     )
+
+
+def mark_exported(fmt: FileFormat, root: DataRoot) -> None:
+    """Read a raymtl export's marker: check it matches ``fmt`` and decode its images as they are."""
+    where = root.path(EXPORT_MARKER)
+    try:
+        marker = json.loads(root.read_text(EXPORT_MARKER))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON: {err}") from None
+    if marker.get("dataset") != fmt.name:
+        raise ConfigError(f"{where}: holds data set {marker.get('dataset')!r}, not {fmt.name!r}")
+    if marker.get("image_size") != fmt.image_size:
+        raise ConfigError(
+            f"{where}: images were exported at size {marker.get('image_size')}, this reader uses {fmt.image_size}"
+        )
+    fmt.preprocessed = True
 
 
 def _split(

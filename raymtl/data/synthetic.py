@@ -292,6 +292,14 @@ def make_dense_split(seed: int, ids: np.ndarray, size: int, split: str) -> Multi
     return MultiTaskArrays(images, stack, torch.from_numpy(ids), split)
 
 
+def _integer(key: str, value: Any) -> int:
+    """An integer option, given as a number or (from --data-option) as text."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data set option {key} must be an integer, got {value!r}") from None
+
+
 def _build(
     name: str,
     tasks: list[TaskSpec],
@@ -306,6 +314,14 @@ def _build(
     extra = extra or {}
     reject_unknown_options(
         name, unknown, ", ".join(["n_train", "n_test", "image_size", "seed", *extra])
+    )
+    n_train, n_test, image_size, seed = (
+        _integer(key, value)
+        for key, value in zip(
+            ("n_train", "n_test", "image_size", "seed"),
+            (n_train, n_test, image_size, seed),
+            strict=True,
+        )
     )
     if n_train < 1 or n_test < 1:
         raise ConfigError(f"n_train and n_test must be >= 1 (got {n_train}, {n_test})")
@@ -344,7 +360,10 @@ def build_synthetic(
 ) -> DatasetBundle:
     """The embedded classification set: 11 binary + 3 multi-class tasks, 32 px RGB by default.
     ``contrast`` (0, 1] scales how strongly the labelled features stand out from the background."""
-    contrast = float(contrast)
+    try:
+        contrast = float(contrast)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data set option contrast must be a number, got {contrast!r}") from None
     if not 0 < contrast <= 1:
         raise ConfigError(f"contrast must be in (0, 1], got {contrast}")
     return _build(

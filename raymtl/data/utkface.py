@@ -1,8 +1,9 @@
 """UTKFace as distributed: files named <age>_<gender>_<race>_<datetime>.jpg (or .jpg.chip.jpg),
 directly in the root or in UTKFace/. Tasks: age (9 bins), gender (2), race (5).
 
-Sample id = a stable hash of the file name. Split: a seeded 80/20 draw per id. Malformed names
-(missing or out-of-range fields, as in a few distributed files) are reported and skipped.
+Sample id = a stable hash of the file name without its image suffix. Split: a seeded 80/20
+draw per id. Malformed names (missing or out-of-range fields, as in a few distributed files) are
+reported and skipped.
 Preprocessing: resize 140, random crop 128 + flip for training, centre crop otherwise.
 """
 
@@ -31,7 +32,13 @@ from raymtl.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 AGE_BIN_EDGES = (3, 10, 20, 30, 40, 50, 60, 70)  # bins: <=2, 3-9, 10-19, ..., 60-69, >=70
-SUFFIXES = (".jpg.chip.jpg", ".jpg")
+SUFFIXES = (".jpg.chip.jpg", ".jpg", ".jpg.chip.png", ".png")  # .png: raymtl's lossless exports
+
+
+def name_stem(name: str) -> str | None:
+    """'<age>_<gender>_<race>_<datetime>' without the image suffix (None if it has none); the
+    sample id hashes this, so a PNG export of a JPEG keeps its id."""
+    return next((name[: -len(s)] for s in SUFFIXES if name.endswith(s)), None)
 
 
 def age_bin(age: int) -> int:
@@ -41,7 +48,7 @@ def age_bin(age: int) -> int:
 
 def parse_name(name: str) -> tuple[int, int, int] | None:
     """(age bin, gender, race) from a UTKFace file name, or None if the name is malformed."""
-    stem = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s)), None)
+    stem = name_stem(name)
     if stem is None:
         return None
     fields = stem.split("_")
@@ -83,7 +90,7 @@ class UTKFaceFormat(FileFormat):
 
     def index(self, root: DataRoot) -> Any:
         folder = "UTKFace" if root.is_dir("UTKFace") else ""
-        names = [n for n in root.list_files(folder) if n.lower().endswith(".jpg")]
+        names = [n for n in root.list_files(folder) if n.lower().endswith((".jpg", ".png"))]
         if not names:
             raise ConfigError(
                 f"{root.path(folder)}: no UTKFace images (<age>_<gender>_<race>_<datetime>.jpg)"
@@ -102,7 +109,7 @@ class UTKFaceFormat(FileFormat):
             if parsed is None:
                 self.malformed.append(name)
                 continue
-            sample_id = hashed_id(name)
+            sample_id = hashed_id(name_stem(name) or name)
             rows["id"].append(sample_id)
             rows["split"].append(
                 "train" if seeded_fraction(sample_id, self.seed) < self.train_fraction else "test"
