@@ -1,0 +1,219 @@
+"""Ours: interference-aware multi-task unlearning (our design after Huang et al., 2026; see
+docs in the README, "Forget").
+
+Two parts, each switchable for ablation:
+1. Task-aware gradient projection. For every task k and every shared parameter tensor, the top
+   singular directions of task k's per-sample gradients on retain data (a fixed ``rank`` or an
+   ``energy`` fraction) span the directions task k relies on. The forget update of target task t
+   is projected out of the span of every other task's directions, so it stays out of what the
+   other tasks use. Heads of non-target tasks never receive a forget signal.
+2. Instance-level orthogonalisation. Per step, per-sample gradients of a retain batch
+   (torch.func) are orthonormalised per parameter tensor, and the forget update loses its
+   components along them: g⊥ = g − QQᵀg, so it does not move what those instances rely on.
+Both bases are joined per tensor, so g⊥ is orthogonal to all of them at once. The task part
+applies to the layers named by ``layers`` (by default the necks, where the tasks separate); the
+other shared layers get the summed forget gradient, orthogonalised against retain gradients only.
+In partial requests the forget instances' retained labels join every retain batch (they are
+the retain pairs most at risk), both in the retain gradient and in the orthogonalisation.
+Step direction: (1−α)·g⊥ + α·(mean retain gradient), applied with Adam (or plain SGD, which keeps
+the step itself orthogonal). The forgetting objective is bounded by default: ascent stops where
+the forget loss reaches the original model's test loss (this works for regression tasks too).
+Defaults were chosen by a small sweep on the embedded synthetic set (contrast 0.3, 1,000 images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from raymtl.data.base import MultiTaskArrays
+from raymtl.errors import ConfigError
+from raymtl.models.mtl import MultiTaskModel
+from raymtl.tasks import TaskSpec
+from raymtl.unlearn.base import (
+    FORGET_OBJECTIVES,
+    UNLEARN_METHODS,
+    UnlearnData,
+    UnlearnResult,
+    apply_direction,
+    batch_to,
+    check_common,
+    clone_for_unlearning,
+    endless,
+    forget_objective,
+    forget_split,
+    make_optimizer,
+    retain_batches,
+)
+from raymtl.unlearn.gradients import JointProjector, per_sample_gradients, top_directions
+from raymtl.unlearn.request import DeletionRequest
+
+
+def shared_parameter_names(model: MultiTaskModel, layers: str | None = None) -> list[str]:
+    """Names of the shared parameters (encoder, necks); ``layers``: comma-separated name prefixes
+    that restrict them (the empty string: all shared parameters)."""
+    shared = {id(p) for p in model.shared_parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) in shared]
+    if layers:
+        prefixes = [p.strip() for p in layers.split(",") if p.strip()]
+        chosen = [n for n in names if n.startswith(tuple(prefixes))]
+        if not chosen:
+            raise ConfigError(f"layers={layers!r} matches no shared parameter; e.g. {names[0]}")
+        return chosen
+    return names
+
+
+def task_subspaces(
+    model: MultiTaskModel,
+    train: MultiTaskArrays,
+    request: DeletionRequest,
+    tasks: Sequence[TaskSpec],
+    names: Sequence[str],
+    rank: int | None,
+    energy: float | None,
+    samples: int,
+    seed: int,
+    chunk: int = 32,
+) -> dict[str, dict[str, Tensor]]:
+    """Per task k, per shared tensor, an orthonormal basis [p, r_k] of the top directions of
+    task k's per-sample gradients over up to ``samples`` retain instances of task k."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    bases: dict[str, dict[str, Tensor]] = {}
+    for task in tasks:
+        keep = torch.nonzero(~request.withdrawn(train.ids, task.name)).flatten()
+        keep = keep[torch.randperm(len(keep), generator=generator)[:samples]]
+        stacks: dict[str, list[Tensor]] = {n: [] for n in names}
+        for start in range(0, len(keep), chunk):
+            batch = batch_to(train.__getitems__(keep[start : start + chunk].tolist()), device)
+            ones = torch.ones(len(batch["image"]), device=device)
+            grads = per_sample_gradients(
+                model, batch["image"], batch["targets"], {task.name: ones}, [task], names
+            )
+            for n in names:
+                stacks[n].append(grads[n].flatten(1))
+        bases[task.name] = {n: top_directions(torch.cat(stacks[n]), rank, energy) for n in names}
+    return bases
+
+
+@UNLEARN_METHODS.register("interference_aware")
+def interference_aware(
+    original: MultiTaskModel,
+    request: DeletionRequest,
+    data: UnlearnData,
+    steps: int = 30,
+    lr: float = 5e-4,
+    alpha: float = 0.5,
+    objective: str = "bounded",
+    task_projection: bool = True,
+    instance_orthogonal: bool = True,
+    rank: int = 8,
+    energy: float = 0.0,
+    basis_samples: int = 64,
+    forget_batch: int = 32,
+    retain_batch: int = 48,
+    max_norm: float = 5.0,
+    layers: str = "neck,dense_neck",
+    anchor_forget_instances: bool = True,
+    optimizer: str = "adam",
+) -> UnlearnResult:
+    """Projected, orthogonalised forgetting; see the module docstring. ``energy`` > 0 replaces
+    the fixed ``rank`` by an energy threshold. ``layers`` names the shared layers that get the
+    task-aware projection (default: the necks, where tasks separate; "" = every shared layer):
+    each target task needs its own gradient there, while the other shared layers get one summed
+    forget gradient, orthogonalised against the retain gradients only. This keeps one step at
+    about one backward pass through the backbone, whatever the number of tasks."""
+    check_common(
+        steps=steps, lr=lr, alpha=alpha, forget_batch=forget_batch, retain_batch=retain_batch
+    )
+    if objective not in FORGET_OBJECTIVES:
+        raise ConfigError(
+            f"objective must be one of {', '.join(FORGET_OBJECTIVES)}, got {objective!r}"
+        )
+    if rank < 1 or not 0 <= energy < 1 or basis_samples < 1:
+        raise ConfigError("need rank >= 1, 0 <= energy < 1 and basis_samples >= 1")
+    device = data.device
+    model = clone_for_unlearning(original, device)
+    params = dict(model.named_parameters())
+    step = make_optimizer(model, optimizer, lr)
+    shared = shared_parameter_names(model, layers or None)  # the task-projected layers
+    shared_set = set(shared)
+    rest = [n for n in shared_parameter_names(model) if n not in shared_set]
+    heads = {t.name: [n for n in params if n.startswith(f"heads.{t.name}.")] for t in data.tasks}
+    passes = 0
+    bases: dict[str, dict[str, Tensor]] = {}
+    if task_projection:
+        bases = task_subspaces(
+            model, data.train, request, data.tasks, shared, rank, energy or None,
+            basis_samples, data.seed,
+        )  # fmt: skip
+        passes += basis_samples * len(data.tasks)
+    projectors = {
+        n: JointProjector({k: bases[k][n] for k in bases} if n in shared else None) for n in params
+    }
+    forget = endless(forget_split(data.train, request), forget_batch, data.seed)
+    retain = retain_batches(data.train, request, retain_batch, data.seed + 1)
+    mean_targets = data.mean_targets()
+    satisfied_steps = 0
+    for _ in range(steps):
+        batch = batch_to(next(forget), device)
+        outputs = model(batch["image"])
+        terms = forget_objective(outputs, batch, data.tasks, data, objective, mean_targets)
+        passes += len(batch["image"])
+        live = {t: term for t, term in terms.items() if term.requires_grad}
+        forget_grads: dict[str, dict[str, Tensor]] = {}  # per task: projected layers + its head
+        for task_name, term in live.items():
+            names = shared + heads[task_name]
+            grads = torch.autograd.grad(
+                term, [params[n] for n in names], retain_graph=True, allow_unused=True
+            )
+            forget_grads[task_name] = {
+                n: g for n, g in zip(names, grads, strict=True) if g is not None and bool(g.any())
+            }
+        trunk: dict[str, Tensor] = {}  # shared layers outside the projection: summed over tasks
+        if live and rest:
+            grads = torch.autograd.grad(
+                sum(live.values()), [params[n] for n in rest], allow_unused=True
+            )
+            trunk = {n: g for n, g in zip(rest, grads, strict=True) if g is not None}
+        kept = batch_to(next(retain), device)
+        passes += len(kept["image"])
+        size = len(kept["image"])
+        masks = {
+            t.name: (kept.get("masks") or {}).get(t.name, torch.ones(size, device=device)).float()
+            for t in data.tasks
+        }
+        images, targets = kept["image"], kept["targets"]
+        if anchor_forget_instances and not request.full:
+            # Partial requests: the forget instances' other labels are retain pairs too, and the
+            # ones most at risk; their gradients join the retain batch (withdrawn pairs masked).
+            passes += len(batch["image"])
+            images = torch.cat([images, batch["image"]])
+            targets = {k: torch.cat([v, batch["targets"][k]]) for k, v in targets.items()}
+            masks = {k: torch.cat([m, 1 - batch["masks"][k].float()]) for k, m in masks.items()}
+        weights = {k: m / m.sum().clamp_min(1.0) for k, m in masks.items()}  # Σ_i = retain grad
+        per_sample = per_sample_gradients(model, images, targets, weights, data.tasks, list(params))
+        direction = {n: alpha * g.sum(0) for n, g in per_sample.items()}
+        if not live:
+            satisfied_steps += 1
+        touched = {n for grads in forget_grads.values() for n in grads} | set(trunk)
+        for n in touched:
+            projectors[n].set_retain(per_sample[n].flatten(1) if instance_orthogonal else None)
+        for task_name, grads in forget_grads.items():
+            for n, g in grads.items():
+                g = projectors[n].project(g, task_name if n in shared_set else None)
+                direction[n] = direction[n] + (1 - alpha) * g
+        for n, g in trunk.items():
+            direction[n] = direction[n] + (1 - alpha) * projectors[n].project(g, None)
+        apply_direction(model, step, direction, max_norm)
+    return UnlearnResult(
+        model,
+        {
+            "steps": steps,
+            "sample_passes": passes,
+            "steps_without_forget_signal": satisfied_steps,
+            "shared_tensors": len(shared),
+        },
+    )

@@ -1,0 +1,159 @@
+"""Run several unlearning methods on one request and compare them with the original and retrain:
+per-task rows, a summary row per method, CSV and Markdown."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from raymtl.unlearn.base import UnlearnData, run_method
+from raymtl.unlearn.evaluation import ModelReport, mean, measure, retrain_distance, uis
+from raymtl.unlearn.request import DeletionRequest
+
+SUMMARY_COLUMNS = (
+    "method", "uis_mean", "uis_target", "uis_non_target", "test", "forget_target", "retain",
+    "mia_loss_auc", "mia_confidence_auc", "retrain_distance", "seconds", "sample_passes",
+    "speedup_vs_retrain",
+)  # fmt: skip
+TASK_COLUMNS = (
+    "method", "task", "role", "test", "forget", "retain", "uis", "retrain_distance",
+    "mia_loss_auc", "mia_confidence_auc",
+)  # fmt: skip
+
+
+@dataclass
+class Comparison:
+    """Everything a comparison measured."""
+
+    request: DeletionRequest
+    original: ModelReport
+    reports: dict[str, ModelReport] = field(default_factory=dict)
+    logs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    per_task: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self, method: str) -> dict[str, Any]:
+        """The summary row of ``method``."""
+        return next(r for r in self.summary if r["method"] == method)
+
+
+def compare(
+    original: nn.Module,
+    request: DeletionRequest,
+    data: UnlearnData,
+    test: Any,
+    methods: dict[str, dict[str, Any]],
+    progress: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Run each method (name -> options; 'retrain' first when present) and measure it."""
+    device = data.device
+    original.to(device).eval()
+    result = Comparison(request, measure(original, data.train, test, data.tasks, request, device))
+    order = sorted(methods, key=lambda name: name != "retrain")
+    for name in order:
+        run = run_method(name.split("@")[0], original, request, data, methods[name])
+        result.logs[name] = run.log
+        result.reports[name] = measure(run.model, data.train, test, data.tasks, request, device)
+        if progress is not None:
+            progress(f"{name}: done in {run.log['seconds']:.1f}s")
+    _tabulate(result)
+    return result
+
+
+def _tabulate(result: Comparison) -> None:
+    request, original = result.request, result.original
+    targets = request.target_tasks
+    non_targets = [t for t in original.test if t not in targets]
+    retrained = result.reports.get("retrain")
+    retrain_seconds = result.logs.get("retrain", {}).get("seconds")
+    entries = [("original", original, {})] + [
+        (name, report, result.logs[name]) for name, report in result.reports.items()
+    ]
+    for name, report, log in entries:
+        scores = uis(original, report, request)
+        distance = retrain_distance(report, retrained) if retrained is not None else {}
+        result.summary.append(
+            {
+                "method": name,
+                "uis_mean": mean(scores),
+                "uis_target": mean(scores, targets),
+                "uis_non_target": mean(scores, non_targets) if non_targets else math.nan,
+                "test": mean(report.test),
+                "forget_target": mean(report.forget, targets),
+                "retain": mean(report.retain),
+                "mia_loss_auc": mean(report.mia_loss),
+                "mia_confidence_auc": mean(report.mia_confidence),
+                "retrain_distance": mean(distance) if distance else math.nan,
+                "seconds": log.get("seconds", math.nan),
+                "sample_passes": log.get("sample_passes", math.nan),
+                "speedup_vs_retrain": (
+                    retrain_seconds / log["seconds"]
+                    if retrain_seconds and log.get("seconds")
+                    else math.nan
+                ),
+            }
+        )
+        for task in report.test:
+            result.per_task.append(
+                {
+                    "method": name,
+                    "task": task,
+                    "role": "target" if task in targets else "non-target",
+                    "test": report.test[task],
+                    "forget": report.forget[task],
+                    "retain": report.retain[task],
+                    "uis": scores[task],
+                    "retrain_distance": distance.get(task, math.nan),
+                    "mia_loss_auc": report.mia_loss.get(task, math.nan),
+                    "mia_confidence_auc": report.mia_confidence.get(task, math.nan),
+                }
+            )
+
+
+def to_csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """Rows as CSV text with the given column order."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """Rows as a Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def scalars(result: Comparison) -> dict[str, float]:
+    """TensorBoard scalars: unlearn/<method>/<summary column>."""
+    out = {}
+    for row in result.summary:
+        for key, value in row.items():
+            if key != "method" and isinstance(value, int | float) and not math.isnan(value):
+                out[f"unlearn/{row['method']}/{key}"] = float(value)
+    return out
+
+
+def best_baseline(result: Comparison, ours: str, exclude: tuple[str, ...] = ("retrain",)) -> str:
+    """The baseline with the lowest mean UIS (retrain, the oracle, and ``ours`` left out)."""
+    rows = [
+        r for r in result.summary
+        if r["method"] not in (*exclude, ours, "original") and not r["method"].startswith(ours)
+    ]  # fmt: skip
+    return min(rows, key=lambda r: r["uis_mean"])["method"]

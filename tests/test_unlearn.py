@@ -1,0 +1,335 @@
+"""Multi-task unlearning: requests, the retrain loss mask, per-sample gradients, the projection,
+the methods, the metrics and the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raymtl.data import build_dataset
+from raymtl.engine import TrainConfig, evaluate, fit, task_losses
+from raymtl.errors import ConfigError
+from raymtl.models import create_model
+from raymtl.unlearn import (
+    UNLEARN_METHODS,
+    UnlearnData,
+    class_request,
+    load_request,
+    random_request,
+    retain_split,
+    run_method,
+)
+from raymtl.unlearn.evaluation import ModelReport, membership_auc, retrain_distance, uis
+from raymtl.unlearn.gradients import JointProjector, per_sample_gradients, top_directions
+from raymtl.unlearn.interference import shared_parameter_names, task_subspaces
+from raymtl.unlearn.request import request_from_pairs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    bundle = build_dataset("synthetic", n_train=120, n_test=40, image_size=16)
+    tasks = bundle.tasks[:4]
+    config = TrainConfig(epochs=2, batch_size=32, device="cpu")
+
+    def make(t):
+        return create_model("small_cnn", t, 3, 16, width=8)
+
+    original = fit(make(tasks), bundle.train, None, tasks, config).model.eval()
+    losses = evaluate(original, bundle.test, tasks)["loss"]
+    return bundle, tasks, make, config, original, losses
+
+
+def _data(tiny):
+    bundle, tasks, make, config, _, losses = tiny
+    return UnlearnData(bundle.train, tasks, make, config, losses)
+
+
+# ---------------------------------------------------------------- requests
+
+
+def test_random_requests_are_seeded_and_know_full_from_partial(tiny):
+    bundle, tasks = tiny[0], tiny[1]
+    full = random_request(bundle.train.ids, tasks, 0.1, seed=3)
+    assert full.full and len(full.forget_ids) == 12 and full.target_tasks == [t.name for t in tasks]
+    assert (
+        full.forget_ids == random_request(bundle.train.ids, tasks, 0.1, seed=3).forget_ids
+    ).all()
+    partial = random_request(bundle.train.ids, tasks, 0.1, [tasks[1].name], seed=3)
+    assert not partial.full and partial.target_tasks == [tasks[1].name]
+    with pytest.raises(ConfigError, match="unknown task"):
+        random_request(bundle.train.ids, tasks, 0.1, ["nope"])
+    with pytest.raises(ConfigError, match="fraction"):
+        random_request(bundle.train.ids, tasks, 1.5)
+
+
+def test_request_files_load_and_bad_rows_name_file_and_row(tiny, tmp_path):
+    bundle, tasks = tiny[0], tiny[1]
+    ids = bundle.train.ids.tolist()
+    good = tmp_path / "request.csv"
+    good.write_text(f"id,task\n{ids[0]},{tasks[0].name}\n{ids[1]},*\n")
+    request = load_request(good, tasks, bundle.train.ids)
+    assert request.pairs[tasks[0].name].tolist() == sorted(ids[:2])
+    assert request.pairs[tasks[2].name].tolist() == [ids[1]]
+    as_json = tmp_path / "request.json"
+    as_json.write_text(json.dumps([{"id": ids[0], "task": tasks[0].name}]))
+    assert load_request(as_json, tasks, bundle.train.ids).target_tasks == [tasks[0].name]
+    bad_id = tmp_path / "bad_id.csv"
+    bad_id.write_text(f"id,task\n{ids[0]},{tasks[0].name}\n999999999,{tasks[0].name}\n")
+    with pytest.raises(
+        ConfigError, match=r"bad_id.csv: row 2: id 999999999 is not in the training"
+    ):
+        load_request(bad_id, tasks, bundle.train.ids)
+    bad_task = tmp_path / "bad_task.csv"
+    bad_task.write_text(f"id,task\n{ids[0]},age\n")
+    with pytest.raises(ConfigError, match=r"bad_task.csv: row 1: unknown task 'age'"):
+        load_request(bad_task, tasks, bundle.train.ids)
+    header = tmp_path / "header.csv"
+    header.write_text("sample,label\n1,a\n")
+    with pytest.raises(ConfigError, match="header 'id,task'"):
+        load_request(header, tasks, bundle.train.ids)
+    with pytest.raises(ConfigError, match="missing file"):
+        load_request(tmp_path / "none.csv", tasks, bundle.train.ids)
+
+
+def test_class_request_takes_every_instance_with_the_label(tiny):
+    bundle, tasks = tiny[0], tiny[1]
+    request = class_request(bundle.train, tasks, tasks[0].name, 1)
+    expected = bundle.train.ids[bundle.train.targets[tasks[0].name] == 1]
+    assert sorted(request.forget_ids.tolist()) == sorted(expected.tolist())
+
+
+# ---------------------------------------------------------------- the retrain oracle's data
+
+
+def test_full_request_drops_instances_partial_keeps_their_other_tasks(tiny):
+    bundle, tasks, make = tiny[0], tiny[1], tiny[2]
+    full = random_request(bundle.train.ids, tasks, 0.1, seed=1)
+    dropped = retain_split(bundle.train, full)
+    assert len(dropped) == len(bundle.train) - 12
+    assert not torch.isin(dropped.ids, torch.from_numpy(full.forget_ids)).any()
+
+    target, other = tasks[0].name, tasks[1].name
+    partial = random_request(bundle.train.ids, tasks, 0.1, [target], seed=1)
+    kept = retain_split(bundle.train, partial)
+    assert len(kept) == len(bundle.train)  # the instances stay
+    rows = torch.nonzero(torch.isin(bundle.train.ids, torch.from_numpy(partial.forget_ids)))
+    batch = kept.__getitems__(rows.flatten().tolist())  # only the withdrawn instances
+    assert batch["masks"][target].sum() == 0 and batch["masks"][other].sum() == len(rows)
+    model = make(tasks)
+    losses = task_losses(model(batch["image"]), batch, tasks)
+    assert losses[0] == 0 and losses[1] > 0
+    losses.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.task_parameters(target))
+    assert any(p.grad is not None and p.grad.any() for p in model.task_parameters(other))
+
+
+# ---------------------------------------------------------------- gradients and projection
+
+
+def test_per_sample_gradients_match_one_sample_at_a_time(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    batch = bundle.train.__getitems__([0, 1, 2])
+    weights = {t.name: torch.tensor([1.0, 0.5, 0.0]) for t in tasks}
+    names = [n for n, _ in original.named_parameters()]
+    grads = per_sample_gradients(original, batch["image"], batch["targets"], weights, tasks, names)
+    for i in range(3):
+        original.zero_grad()
+        out = original(batch["image"][i : i + 1])
+        loss = sum(
+            weights[t.name][i] * t.loss(out[t.name], batch["targets"][t.name][i : i + 1]).sum()
+            for t in tasks
+        )
+        loss.backward()
+        for n, p in original.named_parameters():
+            expected = p.grad if p.grad is not None else torch.zeros_like(p)
+            assert torch.allclose(grads[n][i], expected, atol=1e-5), (i, n)
+    original.zero_grad()
+
+
+def test_top_directions_keep_rank_or_energy():
+    torch.manual_seed(0)
+    rows = torch.randn(10, 3) @ torch.randn(3, 50)  # rank 3
+    basis = top_directions(rows, rank=8)
+    assert basis.shape == (50, 3)  # never more than the rank
+    assert torch.allclose(basis.T @ basis, torch.eye(3), atol=1e-4)
+    assert top_directions(rows, energy=0.01).shape[1] == 1
+    residual = rows - (rows @ basis) @ basis.T
+    assert residual.abs().max() < 1e-3
+
+
+def test_projected_update_is_orthogonal_to_retain_gradients_and_protected_subspaces(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, [tasks[0].name], seed=0)
+    shared = shared_parameter_names(original)
+    bases = task_subspaces(original, bundle.train, request, tasks, shared, 3, None, 16, seed=0)
+    batch = bundle.train.__getitems__(list(range(20, 28)))
+    weights = {t.name: torch.ones(8) for t in tasks}
+    retain = per_sample_gradients(
+        original, batch["image"], batch["targets"], weights, tasks, shared
+    )
+    target = tasks[0].name
+    for name in shared:
+        projector = JointProjector({k: bases[k][name] for k in bases})
+        projector.set_retain(retain[name].flatten(1))
+        gradient = torch.randn_like(retain[name][0])
+        projected = projector.project(gradient, target).flatten()
+        scale = gradient.norm()
+        assert (retain[name].flatten(1) @ projected).abs().max() <= 1e-3 * scale * retain[
+            name
+        ].flatten(1).norm(dim=1).max().clamp_min(1e-12)
+        for other in tasks[1:]:
+            assert (bases[other.name][name].T @ projected).abs().max() <= 1e-3 * scale, name
+        own = bases[target][name].T @ projected  # the target's own directions are not removed
+        assert projected.norm() > 0 or own.numel() == 0
+
+
+# ---------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize(
+    "name", ["retrain", "finetune", "gradient_ascent", "neggrad_plus", "interference_aware"]
+)
+def test_every_method_returns_a_new_model_and_its_cost(tiny, name):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    options = {"epochs": 1} if name in ("retrain", "finetune") else {"steps": 2}
+    result = run_method(name, original, request, _data(tiny), options)
+    assert result.model is not original and result.log["sample_passes"] > 0
+    assert result.log["seconds"] > 0 and result.log["options"][
+        "epochs" if "epochs" in options else "steps"
+    ] in (1, 2)
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in before.items())
+    changed = any(
+        not torch.equal(p, q)
+        for p, q in zip(result.model.parameters(), original.parameters(), strict=True)
+    )
+    assert changed
+
+
+def test_method_names_and_options_are_checked(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    with pytest.raises(ConfigError, match="unknown unlearning method 'scrubby'"):
+        run_method("scrubby", original, request, _data(tiny))
+    with pytest.raises(ConfigError, match=r"unknown option.*rnak"):
+        run_method("interference_aware", original, request, _data(tiny), {"rnak": 2})
+    with pytest.raises(ConfigError, match="alpha"):
+        run_method("neggrad_plus", original, request, _data(tiny), {"alpha": 2.0})
+    assert {"retrain", "finetune", "gradient_ascent", "neggrad_plus", "interference_aware"} <= set(
+        UNLEARN_METHODS.names()
+    )
+
+
+def test_ours_never_sends_the_forget_signal_to_non_target_heads(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    target = tasks[0].name
+    request = random_request(bundle.train.ids, tasks, 0.2, [target], seed=0)
+    result = run_method(
+        "interference_aware", original, request, _data(tiny),
+        {"steps": 3, "alpha": 0.0, "objective": "ascent", "lr": 0.1},
+    )  # fmt: skip
+    model = result.model
+    for task in tasks[1:]:
+        for p, q in zip(
+            model.task_parameters(task.name), original.task_parameters(task.name), strict=True
+        ):
+            assert torch.equal(p, q), task.name
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(
+            model.task_parameters(target), original.task_parameters(target), strict=True
+        )
+    )
+
+
+def test_dense_tasks_unlearn_with_the_bounded_objective():
+    bundle = build_dataset("synthetic_dense", n_train=24, n_test=8, image_size=16)
+    config = TrainConfig(epochs=1, batch_size=8, device="cpu")
+
+    def make(t):
+        return create_model("small_cnn", t, 3, 16, width=8)
+
+    original = fit(make(bundle.tasks), bundle.train, None, bundle.tasks, config).model.eval()
+    losses = evaluate(original, bundle.test, bundle.tasks)["loss"]
+    data = UnlearnData(bundle.train, bundle.tasks, make, config, losses)
+    request = random_request(bundle.train.ids, bundle.tasks, 0.2, ["depth"], seed=0)
+    for objective in ("bounded", "uninformed"):
+        result = run_method(
+            "interference_aware", original, request, data,
+            {"steps": 2, "objective": objective, "forget_batch": 4, "retain_batch": 4, "basis_samples": 4},
+        )  # fmt: skip
+        assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_uis_follows_its_definition_for_target_and_non_target_tasks(tiny):
+    tasks = tiny[1]
+    request = request_from_pairs([(int(tiny[0].train.ids[0]), "large")], tasks, tiny[0].train.ids)
+    original = ModelReport(
+        test={"large": 0.8, "left": 0.5}, forget={"large": 1.0, "left": 0.9}, retain={}
+    )
+    unlearned = ModelReport(
+        test={"large": 0.7, "left": 0.5}, forget={"large": 0.8, "left": 0.6}, retain={}
+    )
+    scores = uis(original, unlearned, request)
+    assert scores["large"] == pytest.approx(0.5 * (0.1 / 0.8 + 0.0 / 0.8))  # target
+    assert scores["left"] == pytest.approx(0.5 * (0.0 + 0.3 / 0.9))  # non-target
+    assert retrain_distance(unlearned, unlearned) == {"large": 0.0, "left": 0.0}
+    assert membership_auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert membership_auc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.5
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "raymtl.unlearn", *map(str, args)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_unlearn_command_writes_the_comparison(tmp_path):
+    run = tmp_path / "run"
+    proc = _run(
+        "--n-train", 96, "--n-test", 32, "--image-size", 16, "--epochs", 1,
+        "--methods", "retrain,gradient_ascent,interference_aware@no_projection",
+        "--method-option", "interference_aware@no_projection.task_projection=false",
+        "--method-option", "interference_aware@no_projection.steps=2",
+        "--method-option", "gradient_ascent.steps=2",
+        "--forget-tasks", "large,left", "--run-dir", run,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = (run / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == [
+        "original", "retrain", "gradient_ascent", "interference_aware@no_projection"
+    ]  # fmt: skip
+    per_task = (run / "per_task.csv").read_text().splitlines()
+    assert len(per_task) == 1 + 4 * 14
+    assert "partial-task request" in proc.stdout
+    assert (run / "request.csv").read_text().startswith("id,task\n")
+    assert any((run / "tensorboard").iterdir()) and (run / "original.pt").is_file()
+
+
+def test_unlearn_command_rejects_bad_input_in_one_line(tmp_path):
+    bad = tmp_path / "request.csv"
+    bad.write_text("id,task\n99999,large\n")
+    cases = [
+        (["--methods", "retrain,magic"], "unknown unlearning method 'magic'"),
+        (["--request", bad], "row 1: id 99999 is not in the training split"),
+        (["--method-option", "retrain.speed=3", "--methods", "retrain"], "has no option 'speed'"),
+        (["--forget-tasks", "nope"], "unknown task(s) nope"),
+    ]
+    for extra, message in cases:
+        run = tmp_path / f"run{len(message)}"
+        proc = _run("--n-train", 32, "--n-test", 8, "--image-size", 16, "--run-dir", run, *extra)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not run.exists()
