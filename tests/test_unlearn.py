@@ -190,9 +190,13 @@ def test_projected_update_is_orthogonal_to_retain_gradients_and_protected_subspa
 # ---------------------------------------------------------------- methods
 
 
-@pytest.mark.parametrize(
-    "name", ["retrain", "finetune", "gradient_ascent", "neggrad_plus", "interference_aware"]
-)
+ALL_METHODS = [
+    "retrain", "finetune", "gradient_ascent", "neggrad_plus", "interference_aware", "l1_sparse",
+    "salun", "scrub", "projected_gradient", "orthogonalisation_only",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_every_method_returns_a_new_model_and_its_cost(tiny, name):
     bundle, tasks, original = tiny[0], tiny[1], tiny[4]
     before = {k: v.clone() for k, v in original.state_dict().items()}
@@ -316,6 +320,7 @@ def test_unlearn_command_writes_the_comparison(tmp_path):
     assert "partial-task request" in proc.stdout
     assert (run / "request.csv").read_text().startswith("id,task\n")
     assert any((run / "tensorboard").iterdir()) and (run / "original.pt").is_file()
+    assert (run / "uis_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unlearn_command_rejects_bad_input_in_one_line(tmp_path):
@@ -333,3 +338,95 @@ def test_unlearn_command_rejects_bad_input_in_one_line(tmp_path):
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not run.exists()
+
+
+# ---------------------------------------------------------------- the baselines' defining properties
+
+
+def test_salun_updates_only_its_salient_weights(tiny):
+    from raymtl.unlearn.base import batch_to, clone_for_unlearning, endless, forget_split
+    from raymtl.unlearn.salun import saliency_mask
+
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    data = _data(tiny)
+    split = forget_split(bundle.train, request)
+    probe = clone_for_unlearning(original, torch.device("cpu"))
+    first = [batch_to(next(endless(split, len(split), data.seed)), torch.device("cpu"))]
+    mask = saliency_mask(probe, first, tasks, 0.1)
+    total = sum(m.numel() for m in mask.values())
+    assert 0.09 * total <= sum(float(m.sum()) for m in mask.values()) <= 0.11 * total
+    result = run_method("salun", original, request, data, {"steps": 3, "fraction": 0.1, "lr": 1e-2})
+    after = dict(result.model.named_parameters())
+    changed = 0
+    for name, param in original.named_parameters():
+        moved = after[name].detach() != param.detach()
+        assert not (moved & (mask[name] == 0)).any(), name  # nothing outside the mask moves
+        changed += int(moved.sum())
+    assert changed > 0
+
+
+def test_l1_sparse_lowers_the_weights_l1_norm_more_than_plain_fine_tuning(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    options = {"steps": 10, "lr": 1e-3}
+    sparse = run_method("l1_sparse", original, request, _data(tiny), {**options, "gamma": 1e-2})
+    plain = run_method("l1_sparse", original, request, _data(tiny), {**options, "gamma": 0.0})
+    before = float(sum(p.detach().abs().sum() for p in original.parameters()))
+    assert sparse.log["l1_norm"] < plain.log["l1_norm"] and sparse.log["l1_norm"] < before
+
+
+def test_scrub_moves_the_student_away_from_the_teacher_on_forget_data(tiny):
+    from raymtl.unlearn.base import forget_split
+    from raymtl.unlearn.scrub import task_distance
+
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    result = run_method(
+        "scrub", original, request, _data(tiny), {"steps": 6, "max_steps": 6, "lr": 5e-3}
+    )
+    forget = forget_split(bundle.train, request).split
+    keep = ~torch.isin(bundle.train.ids, torch.from_numpy(request.forget_ids))
+    retain = bundle.train.subset(torch.nonzero(keep).flatten()[:64])
+    with torch.no_grad():
+        distances = []
+        for split in (forget, retain):
+            batch = split.__getitems__(list(range(len(split))))
+            student, teacher = result.model(batch["image"]), original(batch["image"])
+            distances.append(float(task_distance(tasks, student, teacher, batch, None)))
+    assert distances[0] > 0 and distances[0] > distances[1]
+
+
+def test_calibrated_attack_finds_members_only_when_they_differ():
+    from raymtl.unlearn.evaluation import calibrated_mia
+
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(n, shift):
+        return torch.randn(n, 3, generator=generator, dtype=torch.float64) + shift
+
+    auc, low, high = calibrated_mia(draw(200, 2.0), draw(200, 0.0), draw(200, 2.0), draw(200, 0.0))
+    assert auc > 0.9 and low <= auc <= high
+    auc, low, high = calibrated_mia(draw(200, 0.0), draw(200, 0.0), draw(200, 1.0), draw(200, 0.0))
+    assert 0.4 < auc < 0.6 and low < 0.5 < high
+
+
+@pytest.mark.parametrize("name", ["utkface", "nyuv2"])
+def test_unlearning_runs_on_real_format_files(tmp_path, name):
+    from raymtl.data.fake import write_nyuv2, write_utkface
+    from raymtl.unlearn.__main__ import main
+
+    root = (
+        write_utkface(tmp_path / "data", 40, size=40)
+        if name == "utkface"
+        else write_nyuv2(tmp_path / "data", 24, 8)
+    )
+    run = tmp_path / "run"
+    status = main(
+        ["--dataset", name, "--data-root", str(root), "--epochs", "1", "--batch-size", "8",
+         "--forget-fraction", "0.1", "--methods", "retrain,interference_aware",
+         "--method-option", "interference_aware.steps=2", "--run-dir", str(run)]
+    )  # fmt: skip
+    assert status == 0
+    rows = (run / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["original", "retrain", "interference_aware"]

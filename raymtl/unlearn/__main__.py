@@ -39,6 +39,7 @@ from raymtl.unlearn.report import (
     SUMMARY_COLUMNS,
     TASK_COLUMNS,
     compare,
+    plot_uis_against_cost,
     scalars,
     to_csv,
     to_markdown,
@@ -198,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"summary": result.summary, "per_task": result.per_task, "logs": result.logs,
          "original_seconds": original_seconds},
     )  # fmt: skip
+    plot_uis_against_cost(result, run.path / "uis_vs_cost.png")
     run.log_metrics(0, scalars(result))
     run.close()
     print(table)

@@ -18,12 +18,13 @@ from raymtl.unlearn.request import DeletionRequest
 
 SUMMARY_COLUMNS = (
     "method", "uis_mean", "uis_target", "uis_non_target", "test", "forget_target", "retain",
-    "mia_loss_auc", "mia_confidence_auc", "retrain_distance", "seconds", "sample_passes",
-    "speedup_vs_retrain",
+    "mia_loss_auc", "mia_confidence_auc", "mia_calibrated_auc", "retrain_distance", "seconds",
+    "sample_passes", "speedup_vs_retrain",
 )  # fmt: skip
 TASK_COLUMNS = (
     "method", "task", "role", "test", "forget", "retain", "uis", "retrain_distance",
-    "mia_loss_auc", "mia_confidence_auc",
+    "mia_loss_auc", "mia_confidence_auc", "mia_calibrated_auc", "mia_calibrated_low",
+    "mia_calibrated_high",
 )  # fmt: skip
 
 
@@ -89,6 +90,7 @@ def _tabulate(result: Comparison) -> None:
                 "retain": mean(report.retain),
                 "mia_loss_auc": mean(report.mia_loss),
                 "mia_confidence_auc": mean(report.mia_confidence),
+                "mia_calibrated_auc": mean({t: v[0] for t, v in report.mia_calibrated.items()}),
                 "retrain_distance": mean(distance) if distance else math.nan,
                 "seconds": log.get("seconds", math.nan),
                 "sample_passes": log.get("sample_passes", math.nan),
@@ -112,6 +114,9 @@ def _tabulate(result: Comparison) -> None:
                     "retrain_distance": distance.get(task, math.nan),
                     "mia_loss_auc": report.mia_loss.get(task, math.nan),
                     "mia_confidence_auc": report.mia_confidence.get(task, math.nan),
+                    "mia_calibrated_auc": report.mia_calibrated.get(task, (math.nan,) * 3)[0],
+                    "mia_calibrated_low": report.mia_calibrated.get(task, (math.nan,) * 3)[1],
+                    "mia_calibrated_high": report.mia_calibrated.get(task, (math.nan,) * 3)[2],
                 }
             )
 
@@ -157,3 +162,30 @@ def best_baseline(result: Comparison, ours: str, exclude: tuple[str, ...] = ("re
         if r["method"] not in (*exclude, ours, "original") and not r["method"].startswith(ours)
     ]  # fmt: skip
     return min(rows, key=lambda r: r["uis_mean"])["method"]
+
+
+def plot_uis_against_cost(result: Comparison, path: Any) -> None:
+    """A PNG: each method's mean UIS against its wall time (log scale), retrain marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.summary if r["method"] != "original" and r["seconds"] > 0]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        marker = "*" if row["method"] == "retrain" else "o"
+        axes.scatter(row["seconds"], row["uis_mean"], marker=marker, s=60)
+        axes.annotate(row["method"], (row["seconds"], row["uis_mean"]), fontsize=7)
+    axes.set_xscale("log")
+    axes.set_xlabel("wall time (s, log scale)")
+    axes.set_ylabel("mean UIS (lower is better)")
+    setting = "full" if result.request.full else "partial"
+    axes.set_title(f"{setting}-task unlearning: UIS against cost")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    from raymtl.io import atomic_write_bytes
+
+    atomic_write_bytes(path, buffer.getvalue())
