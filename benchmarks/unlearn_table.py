@@ -27,6 +27,7 @@ from raymtl.engine import TrainConfig, evaluate, fit
 from raymtl.io import atomic_write_text
 from raymtl.models import create_model
 from raymtl.unlearn import UnlearnData, random_request
+from raymtl.unlearn.__main__ import method_options
 from raymtl.unlearn.report import (
     SUMMARY_COLUMNS,
     TASK_COLUMNS,
@@ -67,6 +68,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies n_train and n_test")
     parser.add_argument("--epochs", type=int, default=0, help="original's epochs (0: per data set)")
     parser.add_argument("--ablations", action="store_true", help="add ours without each part")
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="override one method's option, e.g. interference_aware.steps=45",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/unlearn-table")
     args = parser.parse_args(argv)
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     methods = {m: {} for m in METHODS}
     if args.ablations:
         methods.update(ABLATIONS)
+    for name, options in method_options(list(methods), args.method_option).items():
+        methods[name].update(options)
     for name in args.datasets.split(","):
         n_train, n_test, epochs, options = SIZES[name]
         bundle = build_dataset(

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from raymtl.cli import (
     OneLineArgumentParser,
@@ -100,11 +99,21 @@ def method_options(names: list[str], items: list[str]) -> dict[str, dict[str, An
             raise ConfigError(
                 f"--method-option {item!r}: method {method!r} is not in --methods ({', '.join(names)})"
             )
-        try:
-            options[method][key.replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"--method-option {item!r}: cannot parse the value") from None
+        options[method][key.replace("-", "_")] = scalar(value)
     return options
+
+
+def scalar(text: str) -> Any:
+    """A command-line value as int, float (7e-4 included), bool (true/false) or text."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return text.strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,6 +84,18 @@ def run_method(
         raise ConfigError(
             f"unlearning method {name}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
         )
+    defaults = default_options(name)
+    for key, value in options.items():
+        expected = type(defaults[key])
+        numeric = (
+            expected in (int, float)
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        )
+        if not (isinstance(value, expected) or (expected is float and numeric)):
+            raise ConfigError(
+                f"unlearning method {name}: option {key} must be {expected.__name__}, got {value!r}"
+            )
     torch.manual_seed(data.seed)
     start = time.perf_counter()
     result = method(original, request, data, **options)

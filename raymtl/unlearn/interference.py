@@ -13,8 +13,9 @@ Two parts, each switchable for ablation:
 Both bases are joined per tensor, so g⊥ is orthogonal to all of them at once. The task part
 applies to the layers named by ``layers`` (by default the necks, where the tasks separate); the
 other shared layers get the summed forget gradient, orthogonalised against retain gradients only.
-In partial requests the forget instances' retained labels join every retain batch (they are
-the retain pairs most at risk), both in the retain gradient and in the orthogonalisation.
+In partial requests the forget instances' retained labels join every retain gradient (they are
+the retain pairs most at risk); the orthogonalisation uses the retain batch only, since those
+instances' gradients would also cancel the forget signal on the same images.
 Step direction: (1−α)·g⊥ + α·(mean retain gradient), applied with Adam (or plain SGD, which keeps
 the step itself orthogonal). The forgetting objective is bounded by default: ascent stops where
 the forget loss reaches the original model's test loss (this works for regression tasks too).
@@ -200,7 +201,9 @@ def interference_aware(
             satisfied_steps += 1
         touched = {n for grads in forget_grads.values() for n in grads} | set(trunk)
         for n in touched:
-            projectors[n].set_retain(per_sample[n].flatten(1) if instance_orthogonal else None)
+            projectors[n].set_retain(
+                per_sample[n][:size].flatten(1) if instance_orthogonal else None
+            )
         for task_name, grads in forget_grads.items():
             for n, g in grads.items():
                 g = projectors[n].project(g, task_name if n in shared_set else None)
