@@ -26,8 +26,8 @@ def l1_sparse(
     request: DeletionRequest,
     data: UnlearnData,
     steps: int = 30,
-    lr: float = 1e-3,
-    gamma: float = 5e-5,
+    lr: float = 5e-4,
+    gamma: float = 1e-5,
     retain_batch: int = 64,
     optimizer: str = "adam",
 ) -> UnlearnResult:
