@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from raymtl.cli import (
     OneLineArgumentParser,
@@ -18,7 +16,7 @@ from raymtl.cli import (
 )
 from raymtl.data import build_dataset
 from raymtl.data.base import DatasetBundle, materialise
-from raymtl.data.files import EXPORT_MARKER
+from raymtl.data.files import EXPORT_MARKER, DataRoot, read_export_marker
 from raymtl.engine import train_and_evaluate
 from raymtl.errors import ConfigError
 from raymtl.models import create_model
@@ -50,15 +48,12 @@ def split_by_protection(
 
 def read_export(folder: str) -> tuple[dict, DatasetBundle]:
     """An exported protected folder: its store's metadata and the data set read from it."""
-    marker_path = Path(folder) / EXPORT_MARKER
-    if not marker_path.is_file():
+    root = DataRoot(folder)
+    marker = read_export_marker(root)
+    if marker is None:
         raise ConfigError(
-            f"{marker_path}: missing file (not a folder written by python -m raymtl.protect.export)"
+            f"{root.path(EXPORT_MARKER)}: missing file (not a folder written by python -m raymtl.protect.export)"
         )
-    try:
-        marker = json.loads(marker_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{marker_path}: not valid JSON: {err}") from None
     options = dict(marker.get("dataset_options", {}))
     options.pop("root", None)
     return marker.get("store_metadata", {}), build_dataset(marker["dataset"], folder, **options)

@@ -460,8 +460,9 @@ def build_file_bundle(
         )
     else:
         index = fmt.index(data_root)
-    if data_root.is_file(EXPORT_MARKER):
-        mark_exported(fmt, data_root)
+    marker = read_export_marker(data_root)
+    if marker is not None:
+        mark_exported(fmt, data_root, marker)
     splits = sorted(set(index["split"].to_pylist()))
     if "train" not in splits or "test" not in splits:
         raise ConfigError(
@@ -484,13 +485,19 @@ def build_file_bundle(
     )
 
 
-def mark_exported(fmt: FileFormat, root: DataRoot) -> None:
-    """Read a raymtl export's marker: check it matches ``fmt`` and decode its images as they are."""
-    where = root.path(EXPORT_MARKER)
+def read_export_marker(root: DataRoot) -> dict[str, Any] | None:
+    """The marker of a folder written by ``python -m raymtl.protect.export``, else None."""
+    if not root.is_file(EXPORT_MARKER):
+        return None
     try:
-        marker = json.loads(root.read_text(EXPORT_MARKER))
+        return json.loads(root.read_text(EXPORT_MARKER))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{where}: not valid JSON: {err}") from None
+        raise ConfigError(f"{root.path(EXPORT_MARKER)}: not valid JSON: {err}") from None
+
+
+def mark_exported(fmt: FileFormat, root: DataRoot, marker: dict[str, Any]) -> None:
+    """Check a raymtl export's marker matches ``fmt``; then decode its images as they are."""
+    where = root.path(EXPORT_MARKER)
     if marker.get("dataset") != fmt.name:
         raise ConfigError(f"{where}: holds data set {marker.get('dataset')!r}, not {fmt.name!r}")
     if marker.get("image_size") != fmt.image_size:
