@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from raymtl.data.base import collate_batch
 from raymtl.defences import create_defence
+from raymtl.distributed import GradientSync
 from raymtl.errors import ConfigError
 from raymtl.models.mtl import MultiTaskModel
 from raymtl.tasks import TaskSpec, mean_primary
@@ -143,11 +144,22 @@ def task_losses(
     return torch.stack(losses)
 
 
-def backward_with_weighting(model: MultiTaskModel, losses: Tensor, weighting: Weighting) -> None:
+def backward_with_weighting(
+    model: MultiTaskModel,
+    losses: Tensor,
+    weighting: Weighting,
+    sync: GradientSync | None = None,
+) -> None:
     """Fill .grad: loss-based strategies back-propagate their scalar; gradient-based ones set the
-    shared parameters' gradient to ``aggregate`` of the per-task gradient matrix."""
+    shared parameters' gradient to ``aggregate`` of the per-task gradient matrix.
+
+    With a multi-rank ``sync`` (data parallel), the gradients, the task-gradient matrix and the
+    losses are averaged over ranks before aggregation, so every rank takes the step one process
+    would take on the whole global batch."""
+    sync = sync or GradientSync()
     if not weighting.uses_task_gradients:
         weighting.combine(losses).backward()
+        sync.mean_grads_([*model.parameters(), *weighting.parameters()])
         return
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     rows = []
@@ -161,8 +173,11 @@ def backward_with_weighting(model: MultiTaskModel, losses: Tensor, weighting: We
                 ]
             )
         )
-    direction = weighting.aggregate(torch.stack(rows), losses.detach())
-    losses.sum().backward(inputs=list(model.task_parameters()))
+    matrix = sync.mean_(torch.stack(rows))
+    direction = weighting.aggregate(matrix, sync.mean_(losses.detach().clone()))
+    task_params = list(model.task_parameters())
+    losses.sum().backward(inputs=task_params)
+    sync.mean_grads_([*task_params, *weighting.parameters()])
     offset = 0
     for p in shared:
         n = p.numel()
@@ -212,6 +227,54 @@ def flatten_metrics(prefix: str, evaluation: dict[str, Any]) -> dict[str, float]
     return flat
 
 
+def train_epoch(
+    model: MultiTaskModel,
+    batches: Iterable[dict[str, Any] | None],
+    tasks: Sequence[TaskSpec],
+    weighting: Weighting,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    defence: Callable[..., Tensor] | None = None,
+    amp: bool = False,
+    sync: GradientSync | None = None,
+) -> Tensor:
+    """One pass over ``batches``; returns the per-task mean training losses [K] (float64, CPU).
+
+    The one training step of every runner (``fit``, Ray Train workers). With a multi-rank
+    ``sync`` each rank passes its own shard; gradients, BatchNorm statistics and the epoch's losses
+    are averaged over ranks, so the weighting's epoch hook sees the same values everywhere."""
+    sync = sync or GradientSync()
+    model.train()
+    epoch_losses = torch.zeros(len(tasks), dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        if batch is None:
+            continue
+        batch = to_device(batch, device)
+        if defence is not None:
+            batch["image"] = defence(batch["image"], batch, model, tasks)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(batch["image"])
+        losses = task_losses(outputs, batch, tasks)
+        optimizer.zero_grad(set_to_none=True)
+        backward_with_weighting(model, losses, weighting, sync)
+        optimizer.step()
+        epoch_losses += losses.detach().double().cpu()
+        count += 1
+    mean_losses = epoch_losses / max(count, 1)
+    sync.mean_(mean_losses)
+    sync.mean_buffers_(model)
+    weighting.on_epoch_end(mean_losses)
+    return mean_losses
+
+
+def loss_row(mean_losses: Tensor, tasks: Sequence[TaskSpec]) -> dict[str, float]:
+    """{'train/loss': Σ_k L_k, 'train/loss/<task>': L_k} for a per-task loss vector."""
+    row = {"train/loss": float(mean_losses.sum())}
+    row.update({f"train/loss/{t.name}": float(mean_losses[k]) for k, t in enumerate(tasks)})
+    return row
+
+
 @dataclass
 class FitResult:
     """What ``fit`` returns: the trained model, per-epoch history and the final test evaluation."""
@@ -251,29 +314,12 @@ def fit(
     test_eval: dict[str, Any] = {}
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        epoch_losses = torch.zeros(len(tasks), dtype=torch.float64)
-        batches = 0
-        for batch in loader:
-            if batch is None:
-                continue
-            batch = to_device(batch, device)
-            if defence is not None:
-                batch["image"] = defence(batch["image"], batch, model, tasks)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = model(batch["image"])
-            losses = task_losses(outputs, batch, tasks)
-            optimizer.zero_grad(set_to_none=True)
-            backward_with_weighting(model, losses, weighting)
-            optimizer.step()
-            epoch_losses += losses.detach().double().cpu()
-            batches += 1
+        mean_losses = train_epoch(
+            model, loader, tasks, weighting, optimizer, device, defence=defence, amp=amp
+        )
         scheduler.step()
-        mean_losses = epoch_losses / max(batches, 1)
-        weighting.on_epoch_end(mean_losses)
         row: dict[str, float] = {"epoch": epoch, "seconds": time.perf_counter() - start}
-        row["train/loss"] = float(mean_losses.sum())
-        row.update({f"train/loss/{t.name}": float(mean_losses[k]) for k, t in enumerate(tasks)})
+        row.update(loss_row(mean_losses, tasks))
         last = epoch == config.epochs
         if test is not None and (last or (config.eval_every and epoch % config.eval_every == 0)):
             test_eval = evaluate(model, test, tasks, max(config.batch_size, 256), device)
