@@ -80,6 +80,7 @@ def test_tune_study_runs_on_a_real_format_data_set(ray_cluster, roots, tmp_path)
     run_dir = tmp_path / "run"
     status = main(
         [
+            "victim",
             "--dataset",
             "utkface",
             "--data-root",

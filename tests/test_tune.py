@@ -26,7 +26,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_study(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("study") / "run"
-    status = main([*TINY, "--num-samples", "3", "--run-dir", str(run_dir)])
+    status = main(["victim", *TINY, "--num-samples", "3", "--run-dir", str(run_dir)])
     assert status == 0
     return run_dir
 
@@ -56,8 +56,10 @@ def test_study_writes_config_results_and_best_trial(tiny_study, capsys):
 def test_tensorboard_shows_per_trial_scalars(tiny_study):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    event_files = sorted((tiny_study / "tune").rglob("events.out.tfevents.*"))
-    assert len(event_files) == 3  # one per trial
+    event_files = sorted(
+        f for f in (tiny_study / "tune").rglob("events.out.tfevents.*") if f.parent.name != "train"
+    )
+    assert len(event_files) == 3  # one per trial (Tune's); each trial's Train run adds its own
     for event_file in event_files:
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
@@ -127,7 +129,9 @@ def test_tune_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, ar
 def test_tune_cli_rejects_a_bad_search_space_file(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("weighting: {type: categorical, choices: [ls, nash]}\n")
-    proc = _run_tune("--search-space", str(space), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    proc = _run_tune(
+        "victim", "--search-space", str(space), "--run-dir", str(tmp_path / "run"), cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
     assert (

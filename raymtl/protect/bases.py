@@ -94,6 +94,8 @@ class UEBase(ABC):
             config,
         )
 
+    clean_models: list[nn.Module] | None = None  # a clean run trained elsewhere (TAP/SEP reuse it)
+
     def new_model(self) -> nn.Module:
         """A fresh surrogate network."""
         return create_model(self.config.backbone, self.tasks, self.in_channels, self.image_size)
@@ -172,6 +174,18 @@ def _train_clean(base: UEBase, train: MultiTaskArrays) -> list[nn.Module]:
     return snapshots
 
 
+def clean_run(
+    tasks: Sequence[TaskSpec],
+    in_channels: int,
+    image_size: int,
+    config: SurrogateConfig,
+    train: MultiTaskArrays,
+) -> list[nn.Module]:
+    """The clean training run TAP and SEP attack (its evenly spaced snapshots), trained once so
+    that many generations (e.g. the trials of a study) can share it via ``clean_models``."""
+    return _train_clean(TargetedAdversarialPoisoning(tasks, in_channels, image_size, config), train)
+
+
 @UE_BASES.register("em")
 class ErrorMinimising(UEBase):
     """EM (Huang et al. 2021): minimise a surrogate's loss on the true labels; the surrogate is
@@ -229,7 +243,7 @@ class TargetedAdversarialPoisoning(UEBase):
     name = "tap"
 
     def prepare(self, train: MultiTaskArrays) -> None:
-        self.models = _train_clean(self, train)[-1:]
+        self.models = (self.clean_models or _train_clean(self, train))[-1:]
 
     def loss(self, perturbed: Tensor, targets: dict[str, Tensor]) -> Tensor:
         wanted = {t.name: target_labels(t, targets[t.name]) for t in self.tasks}
@@ -263,7 +277,7 @@ class SelfEnsembleProtection(TargetedAdversarialPoisoning):
     name = "sep"
 
     def prepare(self, train: MultiTaskArrays) -> None:
-        self.models = _train_clean(self, train)
+        self.models = list(self.clean_models or _train_clean(self, train))
 
     def stop_error(self) -> float:
         return self.config.sep_stop_error

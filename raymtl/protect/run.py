@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from raymtl.data.base import MultiTaskArrays
+from raymtl.distributed import GradientSync
 from raymtl.errors import ConfigError
 from raymtl.io import atomic_write_bytes
 from raymtl.protect.bases import UE_BASES, SurrogateConfig, UEBase
@@ -169,10 +170,22 @@ def protect_mtlue(
     config: ProtectConfig,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    *,
+    sync: GradientSync | None = None,
+    resume_state: dict[str, Any] | None = None,
+    epoch_hook: Callable[[dict[str, Any], Callable[..., Tensor]], None] | None = None,
+    compute_deltas: bool = True,
+    clean_models: list[torch.nn.Module] | None = None,
 ) -> ProtectResult:
     """Train an MTL-UE generator against the base loss (+ λ1, λ2 regularisers); δ for every sample.
     With partial-task protection the base loss covers the protected tasks only, and each
-    unprotected task feeds the decoder the mean of its class embeddings (its labels never enter δ)."""
+    unprotected task feeds the decoder the mean of its class embeddings (its labels never enter δ).
+
+    Data parallel (``sync`` over several ranks): each rank takes its share of every batch and the
+    generator's gradients are averaged, so ranks stay identical; the surrogate or ensemble is held
+    on every rank. ``resume_state`` / ``epoch_hook`` let a runner (Ray Train) own checkpointing:
+    the hook gets the checkpoint state and the perturb function after every epoch."""
+    sync = sync or GradientSync()
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     protected = protected_subset(tasks, config.protected_tasks)
@@ -194,7 +207,9 @@ def protect_mtlue(
     base: UEBase = UE_BASES.create(
         config.base, protected, in_channels, image_size, config.surrogate
     )
-    state = _load(checkpoint_dir, config.fingerprint())
+    base.clean_models = clean_models
+    sync.broadcast_(generator)
+    state = resume_state or _load(checkpoint_dir, config.fingerprint())
     log: list[dict[str, float]] = []
     first_epoch, stopped = 0, False
     if state is not None:
@@ -227,16 +242,19 @@ def protect_mtlue(
             len(train), config.batch_size, config.seed, epoch, config.samples_per_epoch
         )
         for index in batches:
-            batch = train.__getitems__(index.tolist())
+            batch = train.__getitems__(sync.shard(index).tolist())
             delta = generator(batch["image"], batch["targets"])
             base_loss = base.loss(batch["image"] + delta, batch["targets"])
             intra, inter = intra_task_loss(generator), inter_task_loss(generator)
             loss = base_loss + config.lambda1 * intra + config.lambda2 * inter
             optimizer.zero_grad()
             loss.backward()
+            sync.mean_grads_(generator.parameters())
             optimizer.step()
             totals += torch.stack([base_loss.detach(), intra.detach(), inter.detach()])
         scheduler.step()
+        sync.mean_(totals)
+        sync.mean_buffers_(generator)
         stopped = base.after_epoch(perturb, train)
         totals /= max(1, len(batches))
         log.append(
@@ -247,22 +265,25 @@ def protect_mtlue(
                 "inter": float(totals[2]),
             }
         )
-        _save(
-            checkpoint_dir,
-            {
-                "fingerprint": config.fingerprint(),
-                "epoch": epoch + 1,
-                "stopped": stopped,
-                "log": log,
-                "generator": generator.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "base": base.state_dict(),
-            },
-        )
+        epoch_state = {
+            "fingerprint": config.fingerprint(),
+            "epoch": epoch + 1,
+            "stopped": stopped,
+            "log": log,
+            "generator": generator.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "base": base.state_dict(),
+        }
+        _save(checkpoint_dir, epoch_state)
+        if epoch_hook is not None:
+            epoch_hook(epoch_state, perturb)
         bar.update(1)
         bar.set_postfix(base_loss=f"{float(totals[0]):.3f}")
     bar.close()
+    if not compute_deltas:
+        empty = np.zeros((0, in_channels, image_size, image_size), np.int16)
+        return ProtectResult(np.zeros(0, np.int64), empty, log, time.perf_counter() - start)
     deltas = _all_deltas(perturb, train, 256, config.epsilon)
     return ProtectResult(train.ids.numpy().copy(), deltas, log, time.perf_counter() - start)
 

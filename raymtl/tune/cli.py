@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from raymtl.cli import (
@@ -16,7 +14,6 @@ from raymtl.cli import (
     add_model_arguments,
     check_names,
     data_options,
-    format_task_table,
     nonnegative_float,
     positive_float,
     positive_int,
@@ -26,9 +23,27 @@ from raymtl.data.base import split_validation
 from raymtl.errors import ConfigError
 from raymtl.rundir import RunDir
 from raymtl.search_space import bundled_search_space, load_search_space
+from raymtl.tune.study import (
+    DRIVER_CPUS,
+    STUDIES,
+    Study,
+    StudyInputs,
+    per_task_from_flat,
+    pick_best,
+    results_table,
+    to_csv,
+)
+
+__all__ = ["build_parser", "main", "per_task_from_flat", "pick_best"]
 
 PROG = "python -m raymtl.tune"
-STUDIES = ("victim",)
+DEFAULT_STUDY = "mtlue"  # the system's main job: protect, then verify on victims
+
+
+def _study_names() -> list[str]:
+    import raymtl.tune.studies  # noqa: F401  (registers every study; Ray-free imports)
+
+    return STUDIES.names()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog=PROG,
         description=(
-            "Run a Ray Tune study with Optuna (TPE) and ASHA early stopping. With no arguments: the "
-            "'victim' study over learning rate, weight decay and task weighting for multi-task "
-            "training of the small CNN on the embedded synthetic data set, on a local Ray cluster."
+            "Run a Ray Tune study with Optuna on a local or attached Ray cluster; each trial runs "
+            "Ray Train jobs. Studies: mtlue (λ1, λ2, ε and the base loss of MTL-UE; the victim's "
+            "clean-test score and ε are both minimised, a Pareto front is saved), unlearn "
+            "(projection rank, step size, steps and α of interference-aware unlearning; mean UIS "
+            "minimised), victim (victim-training hyperparameters with ASHA). With no study named: "
+            "a small mtlue study on the embedded synthetic data set (about 5 minutes on 2 cores)."
         ),
     )
     parser.add_argument(
-        "study", nargs="?", default="victim", choices=STUDIES, help="study to run (default: victim)"
+        "study",
+        nargs="?",
+        default=None,
+        choices=_study_names(),
+        help=f"study to run (default: a small {DEFAULT_STUDY} study)",
     )
     parser.add_argument(
         "--search-space",
@@ -50,13 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="search-space YAML (default: search_spaces/<study>.yaml)",
     )
     parser.add_argument(
-        "--num-samples", type=positive_int, default=8, help="number of trials (default: 8)"
+        "--num-samples",
+        type=positive_int,
+        default=None,
+        help="number of trials (default: per study)",
     )
     parser.add_argument(
         "--epochs",
         type=positive_int,
-        default=6,
-        help="epochs of a trial that is not stopped early (default: 6)",
+        default=None,
+        help="victim epochs of a trial (unlearn: of the original model) (default: per study)",
     )
     parser.add_argument(
         "--grace-period",
@@ -67,23 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scheduler",
         choices=["asha", "none"],
-        default="asha",
-        help="early stopping (default: asha)",
+        default=None,
+        help="early stopping (default: asha for victim, none for the others)",
+    )
+    parser.add_argument(
+        "--search-algorithm",
+        choices=["tpe", "random"],
+        default="tpe",
+        help="Optuna sampler (default: tpe; multi-objective TPE for mtlue)",
     )
     parser.add_argument(
         "--batch-size",
         type=positive_int,
-        default=128,
-        help="batch size unless searched (default: 128)",
+        default=None,
+        help="global victim batch size unless searched (default: 128; mtlue: 32)",
     )
     parser.add_argument(
-        "--cpus-per-trial", type=positive_float, default=1.0, help="CPUs per trial (default: 1)"
+        "--workers-per-trial",
+        type=positive_int,
+        default=1,
+        help="Ray Train workers per trial (data parallel) (default: 1)",
     )
     parser.add_argument(
-        "--gpus-per-trial",
+        "--cpus-per-worker",
+        type=positive_float,
+        default=0.75,
+        help="CPUs per Train worker (default: 0.75; each trial's own process takes 0.25 more)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
         type=nonnegative_float,
         default=0.0,
-        help="GPUs per trial; > 0 trains on CUDA (default: 0)",
+        help="GPUs per Train worker; > 0 trains on CUDA (default: 0)",
     )
     parser.add_argument(
         "--max-concurrent",
@@ -106,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage",
         default=None,
-        help="Tune storage: absolute path or URI such as s3://bucket/path (default: <run-dir>/tune)",
+        help="Tune/Train storage: absolute path or URI such as s3://bucket/path (default: <run-dir>/tune)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the interrupted study of --run-dir (same command plus --resume); "
+        "finished trials are not run again",
     )
     parser.add_argument(
         "--address",
@@ -121,89 +167,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_arguments(parser)
     add_model_arguments(parser)
+    for name in _study_names():
+        STUDIES.create(name).add_arguments(parser)
     parser.set_defaults(n_train=None)
     return parser
 
 
-# Sizes of the embedded data set for the default study: 5 minutes on 2 cores.
-STUDY_DATA_DEFAULTS = {"synthetic": {"n_train": 4000, "n_test": 1000}}
-
-
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace, study: Study) -> None:
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
         raise ConfigError(
             f"--storage must be an absolute path or a URI (s3://...), got {args.storage!r}"
         )
-
-
-def results_table(grid: Any, metric: str, epochs: int) -> list[dict[str, Any]]:
-    """One row per trial: its config, how far it ran, and its last validation/test scores."""
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        iterations = int(metrics.get("training_iteration", 0))
-        status = (
-            "error" if result.error else ("completed" if iterations >= epochs else "stopped early")
+    if args.resume and not (args.run_dir and (Path(args.run_dir) / "config.yaml").is_file()):
+        raise ConfigError(
+            "--resume needs --run-dir of the interrupted study (with its config.yaml)"
         )
-        row = {"trial_id": metrics.get("trial_id", ""), "status": status, "epochs": iterations}
-        row.update({k: v for k, v in (result.config or {}).items()})
-        row[metric] = metrics.get(metric, math.nan)
-        row["test/mean_score"] = metrics.get("test/mean_score", math.nan)
-        row["_metrics"] = metrics
-        rows.append(row)
-    return rows
+    study.check(args)
 
 
-def pick_best(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """Best trial by last validation score, preferring trials that ran all their epochs."""
-    scored = [r for r in rows if not math.isnan(r[metric])]
-    if not scored:
-        raise RuntimeError("no trial reported a result; see the Tune log above")
-    completed = [r for r in scored if r["status"] == "completed"] or scored
-    return max(completed, key=lambda r: r[metric])
-
-
-def per_task_from_flat(metrics: dict[str, Any], prefix: str) -> dict[str, dict[str, float]]:
-    """Invert flatten_metrics: {'test/<task>/<metric>': v} -> {task: {metric: v}}."""
-    per_task: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == prefix:
-            per_task.setdefault(parts[1], {})[parts[2]] = value
-    return per_task
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns and not k.startswith("_")]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+def _apply_defaults(args: argparse.Namespace, study: Study) -> dict[str, Any]:
+    """Fill per-study defaults (a smaller preset when no study was named); return data options."""
+    preset = study.small if args.study is None else {}
+    if args.num_samples is None:
+        args.num_samples = preset.get("num_samples", study.default_num_samples)
+    if args.epochs is None:
+        args.epochs = preset.get("epochs", study.default_epochs)
+    if args.batch_size is None:
+        args.batch_size = study.default_batch_size
+    if args.scheduler is None:
+        args.scheduler = study.default_scheduler
+    if getattr(args, "generator_epochs", "absent") is None:
+        args.generator_epochs = preset.get("generator_epochs", 6)
+    sizes = dict(study.data_defaults.get(args.dataset, {}))
+    if sizes:  # the preset resizes the embedded data set only
+        sizes.update({k: preset[k] for k in ("n_train", "n_test") if k in preset})
+    return {**sizes, **data_options(args)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Validate everything, then run the study and report the best configuration."""
+    """Validate everything, then run the study and report its result."""
     args = build_parser().parse_args(argv)
-    _check_args(args)
+    study = STUDIES.create(args.study or DEFAULT_STUDY)
+    name = study.name
+    _check_args(args, study)
     check_names(args.dataset, args.backbone)
-    from raymtl.tune import victim  # imports Ray: only after the cheap checks
-
-    space_file = args.search_space or bundled_search_space(args.study)
-    space = load_search_space(space_file, victim.PARAMETERS, victim.REGISTRIES)
-    options = {**STUDY_DATA_DEFAULTS.get(args.dataset, {}), **data_options(args)}
+    space_file = args.search_space or bundled_search_space(name)
+    space = load_search_space(space_file, study.parameters, study.registries)
+    options = _apply_defaults(args, study)
     bundle = build_dataset(args.dataset, args.data_root, **options)
     train, val = split_validation(bundle.train, args.val_fraction, args.seed)
 
-    run = RunDir.create(args.run_dir, args.study)
-    storage = args.storage or str(run.path / "tune")
-    settings = victim.study_settings(bundle, args)
+    run = RunDir(args.run_dir) if args.resume else RunDir.create(args.run_dir, name)
+    storage = args.storage or str(run.path.resolve() / "tune")
+    inputs = StudyInputs(bundle, train, val, args, storage, space)
+    workers = args.workers_per_trial
+    if study.runs_train_jobs:
+        trial_resources = {"cpu": DRIVER_CPUS}
+        per_trial_cpus = DRIVER_CPUS + workers * args.cpus_per_worker
+        per_trial_gpus = workers * args.gpus_per_worker
+    else:
+        trial_resources = {"cpu": args.cpus_per_worker, "gpu": args.gpus_per_worker}
+        per_trial_cpus, per_trial_gpus = args.cpus_per_worker, args.gpus_per_worker
     resolved = {
-        "study": args.study,
+        "study": name,
         "dataset": {
             "name": bundle.name,
             "root": args.data_root,
@@ -212,82 +240,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "search_space": {"file": str(space_file), "parameters": space.to_dict()},
         "search": {
-            "algorithm": "optuna-tpe",
-            "scheduler": args.scheduler,
+            "algorithm": f"optuna-{args.search_algorithm}",
+            "scheduler": args.scheduler if study.asha_metric else "none",
             "num_samples": args.num_samples,
-            "metric": victim.METRIC,
-            "mode": victim.MODE,
+            "metrics": list(study.metrics),
+            "modes": list(study.modes),
             "grace_period": args.grace_period,
+            "seed": args.seed,
         },
-        "trial": {k: v for k, v in settings.items() if k != "tasks"},
+        **study.resolved(inputs),
         "tasks": [t.to_dict() for t in bundle.tasks],
         "ray": {
             "address": args.address,
             "storage": storage,
-            "cpus_per_trial": args.cpus_per_trial,
-            "gpus_per_trial": args.gpus_per_trial,
+            "workers_per_trial": workers,
+            "cpus_per_worker": args.cpus_per_worker,
+            "gpus_per_worker": args.gpus_per_worker,
+            "trial_resources": trial_resources,
         },
     }
-    run.write_config(resolved)
+    if not args.resume:
+        run.write_config(resolved)
 
     from raymtl.tune.runner import StudySpec, default_max_concurrent, run_study, start_ray
 
     started = start_ray(args.address, args.num_cpus)
     try:
+        shared = study.prepare(inputs)
         spec = StudySpec(
-            name=args.study,
+            name=name,
             storage_path=storage,
-            metric=victim.METRIC,
-            mode=victim.MODE,
+            metrics=study.metrics,
+            modes=study.modes,
             space=space,
             num_samples=args.num_samples,
             max_concurrent=args.max_concurrent
-            or default_max_concurrent(args.cpus_per_trial, args.gpus_per_trial),
-            cpus_per_trial=args.cpus_per_trial,
-            gpus_per_trial=args.gpus_per_trial,
+            or default_max_concurrent(per_trial_cpus, per_trial_gpus),
+            trial_resources=trial_resources,
             scheduler=args.scheduler,
             max_epochs=args.epochs,
             grace_period=args.grace_period,
             seed=args.seed,
+            asha_metric=study.asha_metric,
+            algorithm=args.search_algorithm,
+            resume=args.resume,
+            progress_metrics=("epoch",) if study.runs_train_jobs else (),
         )
-        grid = run_study(
-            victim.train_victim_trial,
-            spec,
-            train=train,
-            val=val,
-            test=bundle.test,
-            settings=settings,
-        )
+        grid = run_study(study.trainable, spec, **shared)
     finally:
         if started:
             import ray
 
             ray.shutdown()
 
-    rows = results_table(grid, victim.METRIC, args.epochs)
-    run.write_text("results.csv", _csv(rows))
-    best = pick_best(rows, victim.METRIC)
-    test_per_task = per_task_from_flat(best["_metrics"], "test")
-    best_config = {k: v for k, v in best.items() if k in space.parameters}
-    run.write_json(
-        "best.json",
-        {
-            "config": best_config,
-            "trial_id": best["trial_id"],
-            "epochs": best["epochs"],
-            victim.METRIC: best[victim.METRIC],
-            "test": {"mean_score": best["test/mean_score"], "tasks": test_per_task},
-        },
-    )
-    table = format_task_table(test_per_task, bundle.tasks)
-    run.write_text("best_test_metrics.md", table + "\n")
-    print()
-    print(
-        f"Best trial {best['trial_id']} ({best['epochs']} epochs), chosen on {victim.METRIC} = {best[victim.METRIC]:.4f}"
-    )
-    print("Best config: " + ", ".join(f"{k}={v}" for k, v in best_config.items()))
-    print("Clean test metrics per task:")
-    print(table)
-    print(f"Mean test score (mean of each task's primary metric): {best['test/mean_score']:.4f}")
+    epochs = args.epochs if study.asha_metric else None
+    rows = results_table(grid, study.metrics, epochs)
+    run.write_text("results.csv", to_csv(rows))
+    if not any(row["status"] != "error" for row in rows):
+        print(f"{PROG}: every trial failed; see the errors above and {run.path / 'results.csv'}")
+        return 1
+    study.summarise(rows, run, inputs, space)
     print(f"Run directory: {run.path}   (tensorboard --logdir {run.path})")
     return 0

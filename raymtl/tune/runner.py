@@ -14,6 +14,7 @@ from ray.tune import CLIReporter
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from raymtl.errors import ConfigError
 from raymtl.search_space import SearchSpace
 
 
@@ -53,57 +54,79 @@ class StudySpec:
 
     name: str
     storage_path: str
-    metric: str
-    mode: str
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
     space: SearchSpace
     num_samples: int
     max_concurrent: int
-    cpus_per_trial: float
-    gpus_per_trial: float
+    trial_resources: dict[str, float]
     scheduler: str
     max_epochs: int
     grace_period: int
     seed: int
+    asha_metric: str | None = None
+    algorithm: str = "tpe"  # tpe | random
+    resume: bool = False
+    progress_metrics: tuple[str, ...] = ()
+
+
+def make_sampler(algorithm: str, seed: int, multi_objective: bool) -> Any:
+    """Optuna sampler: TPE (multi-objective when there are several objectives) or random."""
+    import optuna
+
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=not multi_objective)
+
+
+def experiment_path(spec: StudySpec) -> str:
+    """Where Tune keeps the study (what ``--resume`` restores)."""
+    return f"{spec.storage_path.rstrip('/')}/{spec.name}"
 
 
 def run_study(trainable: Callable[..., None], spec: StudySpec, **shared: Any) -> tune.ResultGrid:
-    """Run the study; ``shared`` objects are put in the object store once (tune.with_parameters)."""
+    """Run (or, with ``spec.resume``, restore and finish) the study; ``shared`` objects are put in
+    the object store once (tune.with_parameters)."""
+    wrapped = tune.with_resources(tune.with_parameters(trainable, **shared), spec.trial_resources)
+    if spec.resume:
+        path = experiment_path(spec)
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"--resume: no study to resume at {path}")
+        return tune.Tuner.restore(path, trainable=wrapped, resume_errored=True).fit()
+    multi = len(spec.metrics) > 1
     searcher = OptunaSearch(
-        metric=spec.metric,
-        mode=spec.mode,
+        metric=list(spec.metrics) if multi else spec.metrics[0],
+        mode=list(spec.modes) if multi else spec.modes[0],
         points_to_evaluate=[spec.space.defaults()],
-        seed=spec.seed,
+        sampler=make_sampler(spec.algorithm, spec.seed, multi),
     )
-    if spec.scheduler == "asha":
+    if spec.scheduler == "asha" and spec.asha_metric is not None:
         scheduler: Any = ASHAScheduler(
             time_attr="training_iteration",
+            metric=spec.asha_metric,
+            mode=spec.modes[list(spec.metrics).index(spec.asha_metric)],
             max_t=spec.max_epochs,
             grace_period=min(spec.grace_period, spec.max_epochs),
             reduction_factor=2,
         )
     else:
         scheduler = FIFOScheduler()
-    resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     # Ray's classic progress table with the columns that matter; the newer output engine would
     # print every per-task metric of every result.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    columns = {m: m for m in (*spec.progress_metrics, *spec.metrics)}
     reporter = CLIReporter(
         parameter_columns=list(spec.space.parameters),
-        metric_columns={
-            "epoch": "epoch",
-            "train/loss": "train loss",
-            spec.metric: spec.metric,
-            "test/mean_score": "test/mean_score",
-        },
+        metric_columns=columns,
         max_report_frequency=15,
-        sort_by_metric=True,
+        sort_by_metric=not multi,
+        metric=None if multi else spec.metrics[0],
+        mode=None if multi else spec.modes[0],
     )
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, **shared), resources),
+        wrapped,
         param_space=tune_domain(spec.space),
         tune_config=tune.TuneConfig(
-            metric=spec.metric,
-            mode=spec.mode,
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=spec.num_samples,
@@ -119,6 +142,7 @@ def run_study(trainable: Callable[..., None], spec: StudySpec, **shared: Any) ->
 def default_max_concurrent(cpus_per_trial: float, gpus_per_trial: float) -> int:
     """Trials that fit at once on the cluster's resources (the scarcer resource decides)."""
     available = ray.cluster_resources()
+    cpus_per_trial = round(cpus_per_trial, 6)
     limits = [math.floor(available.get("CPU", 1) / cpus_per_trial)] if cpus_per_trial > 0 else []
     if gpus_per_trial > 0:
         limits.append(math.floor(available.get("GPU", 0) / gpus_per_trial))

@@ -40,6 +40,14 @@ class Weighting(nn.Module):
     def on_epoch_end(self, epoch_mean_losses: Tensor) -> None:
         """Hook for strategies that adapt per epoch (DWA)."""
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """Non-parameter state a resumed run needs (kept in ``state_dict``): the random stream."""
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``get_extra_state`` saved."""
+        self.generator.set_state(state["generator"])
+
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting strategy")
 

@@ -1,6 +1,7 @@
 """DWA: dynamic weight average (Liu, Johns and Davison, CVPR 2019)."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,3 +32,10 @@ class DynamicWeightAverage(Weighting):
 
     def on_epoch_end(self, epoch_mean_losses: Tensor) -> None:
         self.history = [*self.history[-1:], epoch_mean_losses.detach().double().cpu()]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "history": list(self.history)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.history = list(state["history"])

@@ -1,0 +1,191 @@
+"""The ``unlearn`` study: projection rank (or energy threshold), step size, steps and α of the
+interference-aware method, minimising its mean UIS; cost is reported beside it.
+
+The original model and the retrain oracle are trained once, before the trials, with the Ray-free
+engine; each trial then runs the unlearning method in its own process (one device: unlearning
+is a few dozen steps, far below what data parallelism pays for). Trials are compared on UIS
+measured against the validation split; the clean-test UIS of every trial is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, ClassVar
+
+import torch
+
+from raymtl.cli import positive_int
+from raymtl.engine import TrainConfig, evaluate, fit
+from raymtl.errors import ConfigError
+from raymtl.models import create_model
+from raymtl.rundir import RunDir
+from raymtl.tune.study import STUDIES, Study, StudyInputs, pick_best
+from raymtl.unlearn import UnlearnData, default_options, random_request, run_method
+from raymtl.unlearn.evaluation import mean, measure, retrain_distance, uis
+
+METHOD = "interference_aware"
+OBJECTIVE = "val/uis_mean"
+SETTINGS = ("full", "partial")
+
+
+def _option_types() -> dict[str, str | None]:
+    kinds = {bool: "categorical", str: "categorical", int: "int", float: "float"}
+    return {k: kinds[type(v)] for k, v in default_options(METHOD).items()}
+
+
+@STUDIES.register("unlearn")
+class UnlearnStudy(Study):
+    """Interference-aware unlearning's options against mean UIS on a fixed deletion request."""
+
+    name = "unlearn"
+    description = "unlearning: projection rank, step size, steps, alpha; minimise mean UIS"
+    parameters: ClassVar[dict[str, str | None]] = _option_types()
+    metrics = (OBJECTIVE,)
+    modes = ("min",)
+    default_num_samples = 24
+    default_epochs = 40  # of the original model and of the retrain oracle
+    runs_train_jobs = False
+    # Contrast 0.3, 1,000 images, 40 epochs: the original memorises (benchmarks/unlearn_table.py).
+    data_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "synthetic": {"n_train": 1100, "n_test": 500, "contrast": 0.3},
+        "synthetic_dense": {"n_train": 550, "n_test": 250},
+    }
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("unlearn study")
+        group.add_argument(
+            "--setting",
+            choices=SETTINGS,
+            default="full",
+            help="full-task request, or partial (the first half of the tasks) (default: full)",
+        )
+        group.add_argument(
+            "--forget-fraction",
+            type=float,
+            default=0.05,
+            help="share of training instances to forget (default: 0.05)",
+        )
+        group.add_argument(
+            "--original-epochs",
+            type=positive_int,
+            default=None,
+            help="epochs of the original model and of retraining (default: --epochs, else 40)",
+        )
+
+    def check(self, args: argparse.Namespace) -> None:
+        if not 0 < args.forget_fraction < 1:
+            raise ConfigError(f"--forget-fraction must be in (0, 1), got {args.forget_fraction}")
+
+    def prepare(self, inputs: StudyInputs) -> dict[str, Any]:
+        args, bundle = inputs.args, inputs.bundle
+        tasks, train = bundle.tasks, inputs.train
+        names = [t.name for t in tasks]
+        targets = None if args.setting == "full" else names[: max(1, len(names) // 2)]
+        request = random_request(train.ids, tasks, args.forget_fraction, targets, args.seed)
+        config = TrainConfig(
+            epochs=args.original_epochs or args.epochs,
+            batch_size=64,
+            seed=args.seed,
+            device="cuda" if args.gpus_per_worker > 0 else "cpu",
+        )
+
+        def make(task_list: list) -> Any:
+            return create_model(args.backbone, task_list, bundle.in_channels, bundle.image_size)
+
+        print(f"training the original model ({config.epochs} epochs, {len(train)} samples)")
+        original = fit(make(tasks), train, None, tasks, config).model.eval()
+        reference = evaluate(original, bundle.test, tasks)["loss"]
+        data = UnlearnData(train, tasks, make, config, reference, seed=args.seed)
+        print("retraining without the forget set (the oracle)", flush=True)
+        retrained = run_method("retrain", original, request, data)
+        device = torch.device("cpu")
+        reports = {
+            split: {
+                "original": measure(original, train, dataset, tasks, request, device),
+                "retrain": measure(retrained.model, train, dataset, tasks, request, device),
+            }
+            for split, dataset in (("val", inputs.val), ("test", bundle.test))
+        }
+        shared = {
+            "original": original.cpu(),
+            "request": request,
+            "data": data,
+            "val": inputs.val,
+            "test": bundle.test,
+            "reports": reports,
+            "retrain_seconds": retrained.log["seconds"],
+            "threads": max(1, int(args.cpus_per_worker)),
+        }
+        return {"shared": shared}
+
+    @staticmethod
+    def trainable(config: dict[str, Any], shared: Any = None) -> None:
+        from ray import tune
+
+        torch.set_num_threads(shared["threads"])
+        options = {k: _cast(k, v) for k, v in config.items()}
+        request, data = shared["request"], shared["data"]
+        start = time.perf_counter()
+        result = run_method(METHOD, shared["original"], request, data, options)
+        seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = {
+            "seconds": seconds,
+            "sample_passes": result.log["sample_passes"],
+            "speedup_vs_retrain": shared["retrain_seconds"] / max(seconds, 1e-9),
+        }
+        for split in ("val", "test"):
+            dataset = shared[split]
+            report = measure(result.model, data.train, dataset, data.tasks, request, data.device)
+            base = shared["reports"][split]
+            scores = uis(base["original"], report, request)
+            metrics[f"{split}/uis_mean"] = mean(scores)
+            metrics[f"{split}/uis_target"] = mean(scores, request.target_tasks)
+            metrics[f"{split}/retrain_distance"] = mean(retrain_distance(report, base["retrain"]))
+        metrics["test/mean_score"] = mean(report.test)
+        tune.report(metrics)
+
+    def resolved(self, inputs: StudyInputs) -> dict[str, Any]:
+        args = inputs.args
+        return {
+            "trial": {
+                "method": METHOD,
+                "fixed_options": default_options(METHOD),
+                "setting": args.setting,
+                "forget_fraction": args.forget_fraction,
+                "original_epochs": args.original_epochs or args.epochs,
+                "backbone": args.backbone,
+                "seed": args.seed,
+            }
+        }
+
+    def summarise(
+        self, rows: list[dict[str, Any]], run: RunDir, inputs: StudyInputs, space: Any
+    ) -> None:
+        best = pick_best(rows, OBJECTIVE, "min")
+        searched = {k: best[k] for k in space.parameters}
+        reported = best["_metrics"]
+        summary = {
+            "config": searched,
+            "trial_id": best["trial_id"],
+            OBJECTIVE: best[OBJECTIVE],
+            "test/uis_mean": reported.get("test/uis_mean"),
+            "test/retrain_distance": reported.get("test/retrain_distance"),
+            "seconds": reported.get("seconds"),
+            "speedup_vs_retrain": reported.get("speedup_vs_retrain"),
+        }
+        run.write_json("best.json", summary)
+        print()
+        print(f"Best trial {best['trial_id']}: {OBJECTIVE} = {best[OBJECTIVE]:.4f}")
+        print("Best options: " + ", ".join(f"{k}={v}" for k, v in searched.items()))
+        print(
+            f"Clean-test mean UIS {summary['test/uis_mean']:.4f}, retrain distance "
+            f"{summary['test/retrain_distance']:.4f}, {summary['seconds']:.1f} s "
+            f"({summary['speedup_vs_retrain']:.1f}x faster than retraining)"
+        )
+
+
+def _cast(name: str, value: Any) -> Any:
+    """Tune hands back numpy scalars; the method's option checks want the default's type."""
+    kind = type(default_options(METHOD)[name])
+    return kind(value.item() if hasattr(value, "item") else value)
