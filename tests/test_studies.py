@@ -1,0 +1,125 @@
+"""The mtlue and unlearn studies on tiny data, the HParams dashboard, and --resume after the study
+process is killed mid-run (finished trials are not run again)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raymtl.tune.study import pareto_front
+
+pytestmark = pytest.mark.ray
+
+TINY_DATA = ["--n-train", "120", "--n-test", "48", "--image-size", "16"]
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _hparams(event_file: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    accumulator = EventAccumulator(str(event_file))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    names = {info.name for info in experiment.experiment.hparam_infos}
+    metrics = {info.name.tag for info in experiment.experiment.metric_infos}
+    return names, metrics
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated_trials():
+    def row(score, eps, status="completed"):
+        return {"status": status, "score": score, "eps": eps}
+
+    rows = [row(0.5, 8), row(0.6, 4), row(0.7, 8), row(0.4, 16), row(0.3, 2, "error"), row(0.5, 9)]
+    front = pareto_front(rows, ("score", "eps"), ("min", "min"))
+    assert [(r["score"], r["eps"]) for r in front] == [(0.4, 16), (0.5, 8), (0.6, 4)]
+
+
+def test_mtlue_study_saves_and_prints_a_pareto_front(ray_cluster, tmp_path, capsys):
+    from raymtl.tune.cli import main
+
+    run_dir = tmp_path / "run"
+    args = ["mtlue", *TINY_DATA, "--num-samples", "1", "--epochs", "1"]
+    args += ["--generator-epochs", "1", "--clean-epochs", "1", "--run-dir", str(run_dir)]
+    assert main(args) == 0
+    rows = _rows(run_dir)
+    assert len(rows) == 1 and rows[0]["status"] == "completed"
+    assert {"lambda1", "lambda2", "epsilon_255", "base", "test/mean_score"} <= set(rows[0])
+    pareto = json.loads((run_dir / "pareto.json").read_text())
+    assert 0 <= pareto["clean_score"] <= 1 and len(pareto["front"]) == 1
+    assert (run_dir / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    assert "Pareto front (" in capsys.readouterr().out
+    trial_events = [
+        f
+        for f in (run_dir / "tune" / "mtlue").rglob("events.out.tfevents.*")
+        if f.parent.parent.name == "mtlue"
+    ]
+    assert len(trial_events) == 1
+    names, metrics = _hparams(trial_events[0])
+    assert {"lambda1", "lambda2", "epsilon_255", "base"} <= names
+    assert {"ray/tune/test/mean_score", "ray/tune/epsilon_255"} <= metrics
+    # each trial's generator run wrote its own TensorBoard events (losses and image grids)
+    assert list((run_dir / "tune" / "mtlue").rglob("generator/events.out.tfevents.*"))
+
+
+def test_killed_unlearn_study_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    """The unlearn study in a subprocess attached to the session's cluster, killed (SIGKILL)
+    after two trials, then finished with --resume; its result minimises mean UIS."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "raymtl.tune", "unlearn", *TINY_DATA, "--epochs", "2"]
+    command += ["--num-samples", "4", "--max-concurrent", "1", "--forget-fraction", "0.1"]
+    command += ["--run-dir", str(run_dir)]
+    command += ["--address", address]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    experiment = run_dir / "tune" / "unlearn"
+
+    def finished_trials() -> dict[str, list[str]]:
+        """Trial directory -> its reported results (one line per report; a re-run adds lines)."""
+        done = {}
+        for result in experiment.glob("*/result.json"):
+            lines = result.read_text().strip().splitlines()
+            if lines:
+                done[result.parent.name] = lines
+        return done
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while len(finished_trials()) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # let Tune save its experiment state after the finished trials
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = finished_trials()
+    assert 2 <= len(before) < 4
+    assert not (run_dir / "results.csv").exists()
+
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _rows(run_dir)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["val/uis_mean"] == min(float(r["val/uis_mean"]) for r in rows)
+    assert set(best["config"]) == {"rank", "lr", "steps", "alpha"}
+    assert best["speedup_vs_retrain"] > 0
+    assert "faster than retraining" in resumed.stdout
+    after = finished_trials()
+    for trial, lines in before.items():
+        assert after[trial] == lines, f"{trial} was run again"
+    assert all(len(lines) == 1 for lines in after.values())
