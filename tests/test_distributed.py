@@ -61,7 +61,13 @@ def _train(method: str, sync: GradientSync) -> dict[str, torch.Tensor]:
             model, batches, bundle.tasks, weighting, optimizer, torch.device("cpu"), sync=sync
         )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state.update({f"weighting.{k}": v.detach().clone() for k, v in weighting.state_dict().items()})
+    state.update(
+        {
+            f"weighting.{k}": v.detach().clone()
+            for k, v in weighting.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
+    )
     return state
 
 

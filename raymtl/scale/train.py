@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,14 +119,26 @@ def _resume_state() -> dict[str, Any] | None:
 
 
 def _maybe_fail(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
-    """Fault injection for tests: the last rank dies once, right after ``epoch``'s checkpoint."""
+    """Fault injection for tests: worker ``fault['rank']`` dies once (the process exits) in
+    ``fault['epoch']``; a marker file makes sure it happens only once."""
     if not fault or epoch != fault["epoch"] or rank != fault.get("rank", 0):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
-    marker.write_text(f"worker {rank} killed after epoch {epoch}\n")
+    marker.write_text(f"worker {rank} killed in epoch {epoch}\n")
     os._exit(1)
+
+
+def _dying_midway(
+    batches: Any, fault: dict[str, Any] | None, epoch: int, rank: int
+) -> Iterator[dict[str, Any]]:
+    """Yield ``batches``; with a fault for this epoch, die before batch ``fault['batch']``
+    (default: the third), i.e. in the middle of the epoch, as a lost node would."""
+    for index, batch in enumerate(batches):
+        if fault and index == fault.get("batch", 2):
+            _maybe_fail(fault, epoch, rank)
+        yield batch
 
 
 def _tensorboard(folder: str | None, rank: int) -> Any:
@@ -136,7 +149,7 @@ def _tensorboard(folder: str | None, rank: int) -> Any:
     return SummaryWriter(folder)
 
 
-def _local_batches(
+def shard_batches(
     split: Dataset, batch_size: int, sync: GradientSync, seed: int, epoch: int
 ) -> Iterator[dict[str, Any]]:
     """This rank's shard of a seeded shuffle, in batches of global_batch / world_size."""
@@ -164,6 +177,19 @@ def _ray_data_batches(
         image = batch["image"]
         image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
         yield {"id": batch["id"], "image": image, "targets": {n: batch[n] for n in names}}
+
+
+class _Counted:
+    """Wraps a batch iterable and counts the samples it yields."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches, self.samples = batches, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.batches:
+            if batch is not None:
+                self.samples += len(batch["image"])
+            yield batch
 
 
 def train_config_from(values: dict[str, Any]) -> TrainConfig:
@@ -232,14 +258,20 @@ def victim_loop(config: dict[str, Any]) -> None:
         if config.get("use_ray_data"):
             batches: Any = _ray_data_batches(tasks, train_config.batch_size, sync)
         else:
-            batches = _local_batches(
+            batches = shard_batches(
                 splits["train"], train_config.batch_size, sync, train_config.seed, epoch
             )
+        counted = _Counted(_dying_midway(batches, config.get("fault"), epoch, sync.rank))
+        started = time.perf_counter()
         mean_losses = train_epoch(
-            model, batches, tasks, weighting, optimizer, device, defence, amp, sync
+            model, counted, tasks, weighting, optimizer, device, defence, amp, sync
         )
+        seconds = time.perf_counter() - started
         scheduler.step()
         metrics: dict[str, Any] = {"epoch": epoch, "resumed_from_epoch": resumed_from}
+        # throughput of this rank's training pass, times the number of ranks (equal shards)
+        metrics["train/seconds"] = seconds
+        metrics["train/images_per_second"] = counted.samples * sync.world_size / seconds
         metrics.update(loss_row(mean_losses, tasks))
         metrics.update(config.get("extra_metrics", {}))
         checkpoint = None
@@ -267,7 +299,6 @@ def victim_loop(config: dict[str, Any]) -> None:
                 },
             }
         _report(metrics, checkpoint, sync.rank)
-        _maybe_fail(config.get("fault"), epoch, sync.rank)
     if writer is not None:
         writer.close()
 
