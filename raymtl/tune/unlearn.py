@@ -136,7 +136,15 @@ class UnlearnStudy(Study):
         }
         for split in ("val", "test"):
             dataset = shared[split]
-            report = measure(result.model, data.train, dataset, data.tasks, request, data.device)
+            report = measure(
+                result.model,
+                data.train,
+                dataset,
+                data.tasks,
+                request,
+                data.device,
+                membership=False,
+            )
             base = shared["reports"][split]
             scores = uis(base["original"], report, request)
             metrics[f"{split}/uis_mean"] = mean(scores)

@@ -169,8 +169,10 @@ def measure(
     retain_limit: int = 2000,
     seed: int = 0,
     test_scores: dict[str, dict[str, Tensor]] | None = None,
+    membership: bool = True,
 ) -> ModelReport:
-    """Evaluate one model on the test set, each task's forget set and a retain sample."""
+    """Evaluate one model on the test set, each task's forget set and a retain sample; with
+    ``membership`` (default) also the MIA AUCs on the target tasks' forget sets."""
     model.eval()
     primary = {t.name: t.primary_metric for t in tasks}
     test_eval = evaluate(model, test, tasks, device=device)["tasks"]
@@ -190,7 +192,7 @@ def measure(
         subset = train.subset(_rows(train, torch.tensor(ids, dtype=torch.long)), split="forget")
         metrics = evaluate(model, subset, members, device=device)["tasks"]
         report.forget.update({t.name: metrics[t.name][primary[t.name]] for t in members})
-        if not any(t.name in request.target_tasks for t in members):
+        if not membership or not any(t.name in request.target_tasks for t in members):
             continue
         scores = per_sample_scores(model, subset, members, device)
         if test_scores is None:
