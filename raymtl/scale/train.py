@@ -272,6 +272,8 @@ def victim_loop(config: dict[str, Any]) -> None:
         # throughput of this rank's training pass, times the number of ranks (equal shards)
         metrics["train/seconds"] = seconds
         metrics["train/images_per_second"] = counted.samples * sync.world_size / seconds
+        seen = sync.mean_(torch.tensor([float(counted.samples)])) * sync.world_size
+        metrics["train/samples"] = round(float(seen))  # all ranks together
         metrics.update(loss_row(mean_losses, tasks))
         metrics.update(config.get("extra_metrics", {}))
         checkpoint = None
