@@ -118,3 +118,24 @@ def test_command_reports_problems_one_per_line_with_status_2(aws, tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "open.yaml" in line]
     assert lines == [f"{path}: SSH is open to the world (0.0.0.0/0); set your own CIDR"]
+
+
+@pytest.mark.ray
+def test_a_study_survives_losing_a_worker_node(tmp_path):
+    """A head and two worker nodes on this machine; a worker node is removed after two trials
+    have finished; the study completes every trial and loses none that had finished."""
+    import csv
+    import json
+
+    script = CLUSTERS_DIR.parent / "tests" / "lost_node_study.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == 0
+    assert summary["removed"] and summary["finished_before_removal"] >= 2
+    assert summary["kept"]
+    with open(tmp_path / "run" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and all(r["status"] == "completed" for r in rows)

@@ -68,6 +68,7 @@ class StudySpec:
     algorithm: str = "tpe"  # tpe | random
     resume: bool = False
     progress_metrics: tuple[str, ...] = ()
+    trial_retries: int = 2
 
 
 def make_sampler(algorithm: str, seed: int, multi_objective: bool) -> Any:
@@ -137,7 +138,12 @@ def run_study(trainable: Callable[..., None], spec: StudySpec, **shared: Any) ->
             max_concurrent_trials=spec.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=spec.storage_path, verbose=1, progress_reporter=reporter
+            name=spec.name,
+            storage_path=spec.storage_path,
+            verbose=1,
+            progress_reporter=reporter,
+            # a trial whose node is lost (spot reclaim, crash) is started again elsewhere
+            failure_config=tune.FailureConfig(max_failures=spec.trial_retries),
         ),
     )
     return tuner.fit()
