@@ -316,6 +316,22 @@ def train_victim(
 ) -> ray.train.Result:
     """Run ``victim_loop`` on ``workers``; splits in ``loop_config['data']`` are put in the object
     store once. A Ray Dataset under datasets['train'] is split across workers instead."""
+    return _fit(
+        victim_loop, loop_config, workers, name, storage_path, max_failures, callbacks, datasets
+    )
+
+
+def _fit(
+    loop: Any,
+    loop_config: dict[str, Any],
+    workers: WorkerSpec,
+    name: str,
+    storage_path: str,
+    max_failures: int,
+    callbacks: Sequence[Any] = (),
+    datasets: dict[str, Any] | None = None,
+) -> ray.train.Result:
+    """One TorchTrainer run of ``loop``: in-memory splits go to the object store once."""
     config = dict(loop_config)
     if not isinstance(config["data"], ray.ObjectRef):
         config["data"] = ray.put(config["data"])
@@ -323,7 +339,7 @@ def train_victim(
     if datasets:
         config["use_ray_data"] = True
     trainer = TorchTrainer(
-        victim_loop,
+        loop,
         train_loop_config=config,
         scaling_config=workers.scaling_config(),
         run_config=run_config(name, storage_path, max_failures, callbacks),
@@ -419,17 +435,7 @@ def train_generator(
     max_failures: int = 2,
 ) -> tuple[np.ndarray, np.ndarray, ray.train.Result]:
     """Run ``generator_loop``; returns (sample ids, integer δ, the Train result)."""
-    config = dict(loop_config)
-    if not isinstance(config["data"], ray.ObjectRef):
-        config["data"] = ray.put(config["data"])
-    config.setdefault("threads", workers.cpus_per_worker)
-    trainer = TorchTrainer(
-        generator_loop,
-        train_loop_config=config,
-        scaling_config=workers.scaling_config(),
-        run_config=run_config(name, storage_path, max_failures),
-    )
-    result = trainer.fit()
+    result = _fit(generator_loop, loop_config, workers, name, storage_path, max_failures)
     with result.checkpoint.as_directory() as folder:
         ids = np.load(Path(folder) / "ids.npy")
         deltas = np.load(Path(folder) / "deltas.npy")
