@@ -78,3 +78,23 @@ def test_bad_spaces_name_the_file_and_the_field(tmp_path, text, message):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_search_space(tmp_path / "nope.yaml", ALLOWED)
+
+
+def test_every_study_has_a_valid_bundled_space_and_rejects_foreign_parameters(tmp_path):
+    import raymtl.tune.studies  # noqa: F401  (registers the studies)
+    from raymtl.tune.study import STUDIES
+
+    for name in STUDIES.names():
+        study = STUDIES.create(name)
+        space = load_search_space(bundled_search_space(name), study.parameters, study.registries)
+        assert set(space.parameters) <= set(study.parameters)
+    mtlue = STUDIES.create("mtlue")
+    assert mtlue.metrics == ("test/mean_score", "epsilon_255") and mtlue.modes == ("min", "min")
+    bad = tmp_path / "mtlue.yaml"
+    bad.write_text("base: {type: categorical, choices: [em, lsp2]}\n")
+    with pytest.raises(ConfigError, match="base choice 'lsp2' is not a known base method"):
+        load_search_space(bad, mtlue.parameters, mtlue.registries)
+    unlearn = STUDIES.create("unlearn")
+    bad.write_text("weighting: {type: categorical, choices: [ls]}\n")
+    with pytest.raises(ConfigError, match="unknown parameter 'weighting'"):
+        load_search_space(bad, unlearn.parameters, unlearn.registries)
