@@ -53,7 +53,8 @@ class DeletionRequest:
 
     def withdrawn(self, ids: Tensor, task: str) -> Tensor:
         """Bool [N]: which of ``ids`` had their ``task`` label withdrawn."""
-        wanted = torch.from_numpy(self.pairs.get(task, np.zeros(0, np.int64)))
+        # a copy: arrays that come back from Ray's object store are read-only
+        wanted = torch.from_numpy(np.array(self.pairs.get(task, np.zeros(0, np.int64))))
         return torch.isin(ids, wanted)
 
     def summary(self) -> dict[str, Any]:
