@@ -211,6 +211,7 @@ def victim_loop(config: dict[str, Any]) -> None:
         ray.get(config["data"]) if isinstance(config["data"], ray.ObjectRef) else config["data"]
     )
     tasks: list[TaskSpec] = config["tasks"]
+    torch.manual_seed(train_config.seed)  # the same initial weights on every rank and run
     model = create_model(
         config["backbone"],
         tasks,
@@ -241,7 +242,6 @@ def victim_loop(config: dict[str, Any]) -> None:
         if train_config.defence
         else None
     )
-    torch.manual_seed(train_config.seed)
     sync.broadcast_(model)
     first_epoch, resumed_from = 1, 0
     state = _resume_state()
