@@ -189,7 +189,7 @@ class UnlearnStudy(Study):
         print(
             f"Clean-test mean UIS {summary['test/uis_mean']:.4f}, retrain distance "
             f"{summary['test/retrain_distance']:.4f}, {summary['seconds']:.1f} s "
-            f"({summary['speedup_vs_retrain']:.1f}x faster than retraining)"
+            f"(speed-up over retraining: {summary['speedup_vs_retrain']:.1f}x)"
         )
 
 
