@@ -49,7 +49,7 @@ def main(run_dir: str) -> None:
     remover = threading.Thread(target=remove_a_node, daemon=True)
     remover.start()
     args = ["unlearn", "--n-train", "120", "--n-test", "48", "--image-size", "16"]
-    args += ["--epochs", "2", "--num-samples", "6", "--forget-fraction", "0.1"]
+    args += ["--epochs", "2", "--num-samples", "4", "--forget-fraction", "0.1"]
     args += ["--address", cluster.address, "--storage", storage.as_uri()]
     status = tune([*args, "--run-dir", str(Path(run_dir) / "run")])
     remover.join(timeout=5)

@@ -138,4 +138,4 @@ def test_a_study_survives_losing_a_worker_node(tmp_path):
     assert summary["kept"]
     with open(tmp_path / "run" / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 6 and all(r["status"] == "completed" for r in rows)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
