@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/mtlue-table")
     args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)  # victims built before training start from the same weights
     unknown = [c for c in args.cells.split(",") if c not in CELLS]
     if unknown:
         parser.error(f"--cells: unknown column {unknown[0]!r}; available: {', '.join(CELLS)}")

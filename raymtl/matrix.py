@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check every name before any training, run the matrix, write its tables."""
     args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)  # models built before training start from the same weights
     if args.defence is not None or args.defence_option:
         raise ConfigError("the matrix takes its defences from --defences (each at its defaults)")
     cells = matrix_cells(

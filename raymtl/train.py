@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+import torch
+
 from raymtl.cli import (
     OneLineArgumentParser,
     add_data_arguments,
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, evaluate on the clean test split, and save everything into the run directory."""
     args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)  # models built before training start from the same weights
     check_names(args.dataset, args.backbone)
     config = train_config(args)
     bundle = build_dataset(args.dataset, args.data_root, **data_options(args))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+import torch
+
 from raymtl.cli import (
     OneLineArgumentParser,
     add_model_arguments,
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Rebuild the store's data set, apply δ by sample id, train, evaluate on clean test data."""
     args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)  # models built before training start from the same weights
     check_names(backbone=args.backbone)
     config = train_config(args)
     if args.store is not None:

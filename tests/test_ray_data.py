@@ -132,8 +132,10 @@ def test_train_workers_read_their_shards_of_a_ray_dataset(ray_cluster, roots, tm
         "train": TrainConfig(epochs=2, batch_size=8).to_dict(),
     }
     dataset = ray_dataset(bundle, "train")
+    # 2 x 0.25 CPU for the workers leaves Ray Data CPUs to decode with on the 2-CPU test cluster
+    # (with 2 x 0.5 it could wait for resources forever: the CPU trap of ray-notes.md)
     result = train_victim(
-        loop, WorkerSpec(2, 0.5), "ray-data", str(tmp_path), datasets={"train": dataset}
+        loop, WorkerSpec(2, 0.25), "ray-data", str(tmp_path), datasets={"train": dataset}
     )
     assert result.error is None
     assert result.metrics["epoch"] == 2

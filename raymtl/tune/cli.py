@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from raymtl.cli import (
     OneLineArgumentParser,
     add_data_arguments,
@@ -209,6 +211,7 @@ def _apply_defaults(args: argparse.Namespace, study: Study) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate everything, then run the study and report its result."""
     args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)  # models built before training start from the same weights
     study = STUDIES.create(args.study or DEFAULT_STUDY)
     name = study.name
     _check_args(args, study)

@@ -119,6 +119,7 @@ def scalar(text: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the data, the request and the original model; run the methods; save the tables."""
     args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)  # models built before training start from the same weights
     check_names(args.dataset, args.backbone)
     config = train_config(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
