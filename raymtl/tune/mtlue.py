@@ -25,7 +25,7 @@ from raymtl.protect.store import apply_integer_deltas
 from raymtl.registry import Registry
 from raymtl.rundir import RunDir
 from raymtl.tune.study import STUDIES, Study, StudyInputs, pareto_front, to_csv
-from raymtl.tune.victim import device_name, trial_names, worker_spec
+from raymtl.tune.victim import device_name, trial_names, victim_loop_config, worker_spec
 
 VICTIM_SCORE = "test/mean_score"
 EPSILON = "epsilon_255"
@@ -170,15 +170,12 @@ class MTLUEStudy(Study):
             seed=settings["seed"],
         )
         result = train_victim(
-            {
-                "data": {"train": protected, "val": None, "test": splits["test"]},
-                "tasks": settings["tasks"],
-                "backbone": settings["backbone"],
-                "in_channels": settings["in_channels"],
-                "image_size": settings["image_size"],
-                "train": victim.to_dict(),
-                "tensorboard_dir": f"{trial_dir}/victim",
-            },
+            victim_loop_config(
+                settings,
+                {"train": protected, "val": None, "test": splits["test"]},
+                victim,
+                f"{trial_dir}/victim",
+            ),
             settings["workers"],
             f"victim-{trial_id}",
             settings["train_storage"],

@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ class StudyInputs:
     space: Any  # the validated SearchSpace
 
 
-class Study:
+class Study(ABC):
     """Base class. Subclasses set the class attributes and implement the three hooks."""
 
     name: ClassVar[str] = ""
@@ -52,28 +53,30 @@ class Study:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Study-specific command-line options (none by default)."""
+        return None  # optional hook
 
     def check(self, args: argparse.Namespace) -> None:
         """Cheap checks of study-specific options, before any data is built."""
+        return None  # optional hook
 
+    @abstractmethod
     def prepare(self, inputs: StudyInputs) -> dict[str, Any]:
         """Work shared by every trial, done once; returns the trainable's keyword arguments."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def trainable(config: dict[str, Any], **shared: Any) -> None:
         """The Tune function trainable: one trial."""
-        raise NotImplementedError
 
     def resolved(self, inputs: StudyInputs) -> dict[str, Any]:
         """Study-specific part of the resolved config."""
         return {}
 
+    @abstractmethod
     def summarise(
         self, rows: list[dict[str, Any]], run: RunDir, inputs: StudyInputs, space: Any
     ) -> None:
         """Write and print the study's result (best trial, Pareto front...)."""
-        raise NotImplementedError
 
     @property
     def multi_objective(self) -> bool:

@@ -37,6 +37,21 @@ def device_name(args: Any) -> str:
     return "cuda" if args.gpus_per_worker > 0 else "cpu"
 
 
+def victim_loop_config(
+    settings: dict[str, Any], data: Any, train_config: TrainConfig, tensorboard_dir: str
+) -> dict[str, Any]:
+    """The ``victim_loop`` configuration of a trial, from the study's fixed settings."""
+    return {
+        "data": data,
+        "tasks": settings["tasks"],
+        "backbone": settings["backbone"],
+        "in_channels": settings["in_channels"],
+        "image_size": settings["image_size"],
+        "train": train_config.to_dict(),
+        "tensorboard_dir": tensorboard_dir,
+    }
+
+
 @STUDIES.register("victim")
 class VictimStudy(Study):
     """Learning rate, weight decay and task weighting of multi-task victim training."""
@@ -93,15 +108,7 @@ class VictimStudy(Study):
             device=settings["device"],
             seed=settings["seed"],
         )
-        loop = {
-            "data": data,
-            "tasks": settings["tasks"],
-            "backbone": settings["backbone"],
-            "in_channels": settings["in_channels"],
-            "image_size": settings["image_size"],
-            "train": train_config.to_dict(),
-            "tensorboard_dir": f"{trial_dir}/train",
-        }
+        loop = victim_loop_config(settings, data, train_config, f"{trial_dir}/train")
         result = train_victim(
             loop,
             settings["workers"],
