@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator epochs / EM-PGD rounds, a cap (default: 20)",
     )
     parser.add_argument(
+        "--lr",
+        type=float,
+        default=ProtectConfig.lr,
+        help=f"generator Adam learning rate (default: {ProtectConfig.lr:g})",
+    )
+    parser.add_argument(
         "--width",
         type=positive_int,
         default=32,
@@ -134,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         variant=args.variant,
         epochs=args.epochs,
         width=args.width,
+        lr=args.lr,
         combine=args.combine,
         protected_tasks=(
             [t.strip() for t in args.protect_tasks.split(",") if t.strip()]

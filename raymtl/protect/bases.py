@@ -19,7 +19,7 @@ from raymtl.data.base import MultiTaskArrays
 from raymtl.engine import TrainConfig, fit
 from raymtl.models import create_model
 from raymtl.registry import Registry
-from raymtl.tasks import TaskSpec
+from raymtl.tasks import IGNORE_INDEX, TaskSpec
 
 PerturbFn = Callable[[Tensor, dict[str, Tensor], Tensor], Tensor]  # (images, targets, ids) -> δ
 
@@ -43,10 +43,22 @@ class SurrogateConfig:
 
 
 def target_labels(task: TaskSpec, labels: Tensor) -> Tensor:
-    """TAP's targets: binary -> flipped label; C classes -> (y + ⌊C/2⌋) mod C."""
+    """TAP's targets: binary -> flipped label; C classes -> (y + ⌊C/2⌋) mod C (per pixel for
+    segmentation, ignored pixels kept); depth -> mirrored within each sample's valid range
+    (near becomes far); normals -> reversed. Unknown pixels stay unknown."""
     if task.kind == "binary":
         return 1 - labels
-    return (labels + task.num_classes // 2) % task.num_classes
+    if task.kind in ("multiclass", "segmentation"):
+        shifted = (labels + task.num_classes // 2) % task.num_classes
+        return torch.where(labels == IGNORE_INDEX, labels, shifted)
+    if task.kind == "depth":
+        valid = labels > 0
+        far = torch.where(valid, labels, torch.full_like(labels, -torch.inf))
+        near = torch.where(valid, labels, torch.full_like(labels, torch.inf))
+        dims = tuple(range(1, labels.dim()))
+        high, low = far.amax(dims, keepdim=True), near.amin(dims, keepdim=True)
+        return torch.where(valid, high + low - labels, labels)
+    return -labels
 
 
 def mean_task_loss(
@@ -65,7 +77,8 @@ def mean_error(
     tasks: Sequence[TaskSpec],
     limit: int = 1024,
 ) -> float:
-    """Mean over tasks (and models) of the error on true labels of x+δ for the first ``limit`` samples."""
+    """Mean over tasks (and models) of the error on true labels of x+δ for the first ``limit``
+    samples; a dense task's error is 1 − its primary metric (mIoU, δ<1.25, % within 30°)."""
     batch = data.__getitems__(list(range(min(limit, len(data)))))
     images = batch["image"] + perturb(batch["image"], batch["targets"], batch["id"])
     errors = []
@@ -73,9 +86,14 @@ def mean_error(
         model.eval()
         outputs = model(images)
         for t in tasks:
-            out = outputs[t.name]
+            out, truth = outputs[t.name], batch["targets"][t.name]
+            if t.dense:
+                meter = t.new_meter()
+                meter.update(out, truth)
+                errors.append(1.0 - torch.tensor(meter.compute()[t.primary_metric]))
+                continue
             predicted = (out.squeeze(1) > 0).long() if t.kind == "binary" else out.argmax(1)
-            errors.append((predicted != batch["targets"][t.name]).float().mean())
+            errors.append((predicted != truth).float().mean())
     return float(torch.stack(errors).mean())
 
 

@@ -4,6 +4,8 @@
 ResNet-18-stem encoder E, one learned label-prior embedding per (task, class) and a
 transposed-convolution decoder D. Variants:
 'sample' (embeddings + E(x), the default), 'class' (embeddings only), 'z_only' (E(x) only).
+Dense tasks (segmentation, depth, normals) have no classes to embed: their label map is encoded
+instead (see ``DenseLabelEncoder``) and the embedding regularisers skip them, as in the paper.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torchvision
 from torch import Tensor, nn
 
 from raymtl.errors import ConfigError
-from raymtl.tasks import TaskSpec
+from raymtl.tasks import IGNORE_INDEX, TaskSpec
 
 VARIANTS = ("sample", "class", "z_only")
 # How the decoder's output is bounded. 'clamp' is the reference code's hard clamp; at
@@ -49,6 +51,42 @@ def _encoder(in_channels: int, large_input: bool, width: int) -> nn.Sequential:
     return nn.Sequential(*stem, layer1, layer2)
 
 
+def dense_label_channels(task: TaskSpec) -> int:
+    """Channels of a dense task's label map as the generator reads it."""
+    return {"segmentation": task.num_classes, "depth": 2, "normals": 3}[task.kind]
+
+
+def dense_label_map(task: TaskSpec, target: Tensor) -> Tensor:
+    """A dense label as a float map [B, C, H, W]: one-hot classes (ignored pixels all zero),
+    log(1 + depth) with a validity channel, or the normal vectors (zero where unknown)."""
+    if task.kind == "segmentation":
+        valid = target != IGNORE_INDEX
+        onehot = F.one_hot(torch.where(valid, target, 0).long(), task.num_classes)
+        return (onehot * valid.unsqueeze(-1)).permute(0, 3, 1, 2).float()
+    if task.kind == "depth":
+        depth = target.float().reshape(len(target), 1, *target.shape[-2:])
+        valid = (depth > 0).float()
+        return torch.cat([torch.log1p(depth.clamp_min(0)) * valid, valid], dim=1)
+    return target.float()
+
+
+class DenseLabelEncoder(nn.Module):
+    """The dense counterpart of a label-prior embedding: a learned map from a task's label map,
+    pooled to the encoder's resolution, to ``EMBEDDING_CHANNELS`` channels."""
+
+    def __init__(self, task: TaskSpec) -> None:
+        super().__init__()
+        self.task = task
+        self.net = nn.Conv2d(dense_label_channels(task), EMBEDDING_CHANNELS, 3, padding=1)
+
+    def forward(self, target: Tensor | None, batch: int, size: tuple[int, int]) -> Tensor:
+        """[B, 16, *size]; ``target=None`` (an unprotected task) encodes an all-zero label map."""
+        if target is None:
+            zeros = torch.zeros(batch, self.net.in_channels, *size, device=self.net.weight.device)
+            return self.net(zeros)
+        return self.net(F.adaptive_avg_pool2d(dense_label_map(self.task, target), size))
+
+
 def _up(cin: int, cout: int) -> list[nn.Module]:
     return [
         nn.ConvTranspose2d(cin, cout, 4, 2, 1),
@@ -78,10 +116,6 @@ class MTLUEGenerator(nn.Module):
             )
         if not 0 < epsilon <= 1:
             raise ConfigError(f"epsilon must be in (0, 1], got {epsilon}")
-        if any(t.dense for t in tasks):
-            raise ConfigError(
-                "the label-prior embeddings are for classification tasks (dense protection: see issue 5)"
-            )
         if bound not in BOUNDS:
             raise ConfigError(f"unknown bound {bound!r}; available: {', '.join(BOUNDS)}")
         self.tasks, self.epsilon, self.variant, self.bound = list(tasks), epsilon, variant, bound
@@ -92,6 +126,8 @@ class MTLUEGenerator(nn.Module):
             raise ConfigError(f"image_size {image_size} must be a multiple of {self.scale}")
         side = image_size // self.scale
         self.encoder = _encoder(in_channels, large, width) if variant != "class" else None
+        # Classification tasks: one 16×S×S embedding per class, N(0, 1) as in the paper.
+        # Dense tasks: a label-map encoder. Both are absent in the z_only variant.
         self.embeddings = (
             nn.ParameterDict(
                 {
@@ -99,8 +135,14 @@ class MTLUEGenerator(nn.Module):
                         torch.randn(max(2, t.num_classes), EMBEDDING_CHANNELS, side, side)
                     )
                     for t in tasks
+                    if not t.dense
                 }
             )
+            if variant != "z_only"
+            else None
+        )
+        self.dense_encoders = (
+            nn.ModuleDict({t.name: DenseLabelEncoder(t) for t in tasks if t.dense})
             if variant != "z_only"
             else None
         )
@@ -120,10 +162,17 @@ class MTLUEGenerator(nn.Module):
             nn.Conv2d(width if large else 2 * width, in_channels, 3, padding=1),
         )
 
-    def label_embeddings(self, targets: dict[str, Tensor], batch: int) -> list[Tensor]:
-        """The embedding chosen by each task's label (unprotected tasks: the mean over classes)."""
+    def label_embeddings(
+        self, targets: dict[str, Tensor], batch: int, size: tuple[int, int] | None = None
+    ) -> list[Tensor]:
+        """The embedding chosen by each task's label (unprotected tasks: the mean over classes;
+        dense tasks: their encoded label map at ``size``, or an all-zero map when unprotected)."""
         chosen = []
         for task in self.tasks:
+            if task.dense:
+                hidden = None if task.name in self.unprotected else targets[task.name]
+                chosen.append(self.dense_encoders[task.name](hidden, batch, size))
+                continue
             table = self.embeddings[task.name]
             if task.name in self.unprotected:
                 chosen.append(table.mean(0, keepdim=True).expand(batch, -1, -1, -1))
@@ -134,8 +183,9 @@ class MTLUEGenerator(nn.Module):
     def forward(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
         """δ for a batch, within [-ε, ε] (not added to the images)."""
         parts = []
+        size = (images.shape[-2] // self.scale, images.shape[-1] // self.scale)
         if self.embeddings is not None:
-            parts += self.label_embeddings(targets, len(images))
+            parts += self.label_embeddings(targets, len(images), size)
         if self.encoder is not None:
             parts.append(self.encoder(images))
         raw = self.decoder(torch.cat(parts, dim=1))
@@ -152,7 +202,7 @@ def _flat_normalised(table: Tensor) -> Tensor:
 
 def intra_task_loss(generator: MTLUEGenerator) -> Tensor:
     """λ1 term: per task, mean cosine similarity (+1) between different classes' embeddings."""
-    if generator.embeddings is None:
+    if not generator.embeddings:  # z_only, or dense tasks only (no regulariser for those)
         return torch.zeros(())
     terms = []
     for table in generator.embeddings.values():

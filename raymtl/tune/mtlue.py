@@ -45,10 +45,11 @@ class MTLUEStudy(Study):
     """Protection strength (victim accuracy) against visibility (ε): a Pareto front."""
 
     name = "mtlue"
-    description = "MTL-UE: λ1, λ2, ε, base; minimise victim clean-test score and ε (Pareto front)"
+    description = "MTL-UE: λ1, λ2, generator lr, ε, base; minimise victim clean-test score and ε (Pareto front)"
     parameters: ClassVar[dict[str, str | None]] = {
         "lambda1": "log_float",
         "lambda2": "log_float",
+        "generator_lr": None,  # any numeric spec; absent: ProtectConfig's default
         EPSILON: "float",
         "base": "categorical",
     }
@@ -142,6 +143,7 @@ class MTLUEStudy(Study):
             epsilon=epsilon,
             lambda1=float(config["lambda1"]),
             lambda2=float(config["lambda2"]),
+            lr=float(config.get("generator_lr", ProtectConfig.lr)),
             epochs=settings["generator_epochs"],
             batch_size=64,
             width=16,
