@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--samples-per-epoch",
         type=int,
-        default=2560,
+        default=2048,
         help="generator training samples per epoch (0 = all)",
     )
     parser.add_argument(
