@@ -30,7 +30,7 @@ from raymtl.io import atomic_write_text
 from raymtl.models import create_model
 from raymtl.protect import ProtectConfig, SurrogateConfig, protect
 from raymtl.protect.__main__ import epsilon_value
-from raymtl.protect.store import apply_integer_deltas
+from raymtl.protect.store import with_deltas
 from raymtl.tasks import TaskSpec
 
 CELLS: dict[str, tuple[str, str] | None] = {
@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 surrogate=surrogate,
             )
             result = protect(train, tasks, bundle.in_channels, bundle.image_size, config)
-            position = {int(i): p for p, i in enumerate(result.ids)}
-            deltas = result.deltas[[position[int(i)] for i in train.ids]]
-            train = MultiTaskArrays(
-                apply_integer_deltas(train.images, deltas), train.targets, train.ids, "train"
-            )
+            train = with_deltas(train, result.ids, result.deltas)
         torch.manual_seed(args.seed)
         model = create_model("small_cnn", tasks, bundle.in_channels, bundle.image_size)
         outcome = fit(model, train, bundle.test, tasks, victim)

@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 from raymtl.data import build_dataset
-from raymtl.data.base import MultiTaskArrays
 from raymtl.engine import TrainConfig, fit
 from raymtl.io import atomic_write_text
 from raymtl.models import create_model
 from raymtl.protect import ProtectConfig, SurrogateConfig, protect
 from raymtl.protect.__main__ import epsilon_value
-from raymtl.protect.store import apply_integer_deltas
+from raymtl.protect.store import with_deltas
 
 CELLS: dict[str, tuple[str, str, dict] | None] = {
     "clean": None,
@@ -138,11 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 **extra,
             )
             result = protect(train, bundle.tasks, bundle.in_channels, bundle.image_size, config)
-            position = {int(i): p for p, i in enumerate(result.ids)}
-            deltas = result.deltas[[position[int(i)] for i in train.ids]]
-            train = MultiTaskArrays(
-                apply_integer_deltas(train.images, deltas), train.targets, train.ids, "train"
-            )
+            train = with_deltas(train, result.ids, result.deltas)
         protect_seconds = time.perf_counter() - start
         model = create_model("small_cnn", bundle.tasks, bundle.in_channels, bundle.image_size)
         outcome = fit(model, train, bundle.test, bundle.tasks, victim)

@@ -513,3 +513,22 @@ def test_ar_patterns_follow_their_own_recurrence_and_delta_follows_labels(tiny):
     assert np.abs(result.deltas).max() == 8
     labels = np.stack([tiny.train.targets[t.name].numpy() for t in tiny.tasks], 1)
     _assert_delta_follows_labels(result.deltas, labels)
+
+
+def test_with_deltas_matches_rows_by_sample_id(tiny):
+    from raymtl.protect.store import with_deltas
+
+    split = tiny.train
+    ids = split.ids.numpy()[::-1].copy()  # another order than the split's
+    deltas = np.zeros((len(ids), *split.images.shape[1:]), np.int16)
+    deltas[:, 0, 0, 0] = np.arange(len(ids)) % 7 + 1
+    protected = with_deltas(split, ids, deltas)
+    change = protected.images.short() - split.images.short()
+    where = {int(i): r for r, i in enumerate(ids)}
+    for position, sample_id in enumerate(split.ids.tolist()[:20]):
+        expected = min(
+            int(deltas[where[sample_id], 0, 0, 0]), 255 - int(split.images[position, 0, 0, 0])
+        )
+        assert int(change[position, 0, 0, 0]) == expected
+    with pytest.raises(ConfigError, match="no perturbation for sample id"):
+        with_deltas(split, ids[1:], deltas[1:])

@@ -135,6 +135,18 @@ def apply_integer_deltas(images: torch.Tensor, deltas: np.ndarray) -> torch.Tens
     )
 
 
+def with_deltas(split: MultiTaskArrays, ids: np.ndarray, deltas: np.ndarray) -> MultiTaskArrays:
+    """A copy of ``split`` whose images carry the given δ rows, matched by sample id (in any order),
+    e.g. a ``ProtectResult``'s ``ids`` and ``deltas``."""
+    row = {int(i): r for r, i in enumerate(np.asarray(ids).tolist())}
+    missing = [int(i) for i in split.ids.tolist() if int(i) not in row]
+    if missing:
+        raise ConfigError(f"no perturbation for sample id {missing[0]} of the {split.split} split")
+    ordered = deltas[[row[int(i)] for i in split.ids.tolist()]]
+    protected = apply_integer_deltas(split.images, ordered)
+    return MultiTaskArrays(protected, split.targets, split.ids, split.split, split.factors)
+
+
 def protect_split(split: MultiTaskArrays, store: PerturbationStore) -> MultiTaskArrays:
     """A copy of ``split`` whose images carry the store's δ, matched by sample id."""
     deltas = store.deltas_for(split.ids.tolist())

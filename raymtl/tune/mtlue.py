@@ -16,12 +16,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from raymtl.cli import positive_int
-from raymtl.data.base import MultiTaskArrays
 from raymtl.engine import TrainConfig, fit
 from raymtl.models import create_model
 from raymtl.protect.bases import UE_BASES, SurrogateConfig
 from raymtl.protect.run import ProtectConfig
-from raymtl.protect.store import apply_integer_deltas
+from raymtl.protect.store import with_deltas
 from raymtl.registry import Registry
 from raymtl.rundir import RunDir
 from raymtl.tune.study import STUDIES, Study, StudyInputs, pareto_front, to_csv
@@ -30,14 +29,6 @@ from raymtl.tune.victim import device_name, trial_names, victim_loop_config, wor
 VICTIM_SCORE = "test/mean_score"
 EPSILON = "epsilon_255"
 DEFAULT_BASE = "sep"  # when the search space does not search the base
-
-
-def protected_split(train: MultiTaskArrays, ids: np.ndarray, deltas: np.ndarray) -> MultiTaskArrays:
-    """``train`` with each sample's δ added (matched by id; the generator keeps the split's order)."""
-    if not np.array_equal(ids, train.ids.numpy()):
-        raise RuntimeError("generator returned perturbations in another sample order")
-    images = apply_integer_deltas(train.images, deltas)
-    return MultiTaskArrays(images, train.targets, train.ids, train.split, train.factors)
 
 
 @STUDIES.register("mtlue")
@@ -164,7 +155,7 @@ class MTLUEStudy(Study):
             f"generator-{trial_id}",
             settings["train_storage"],
         )
-        protected = protected_split(splits["train"], ids, deltas)
+        protected = with_deltas(splits["train"], ids, deltas)
         victim = TrainConfig(
             epochs=settings["epochs"],
             batch_size=settings["batch_size"],
