@@ -57,11 +57,15 @@ def test_mtlue_study_saves_and_prints_a_pareto_front(ray_cluster, tmp_path, caps
     assert main(args) == 0
     rows = _rows(run_dir)
     assert len(rows) == 1 and rows[0]["status"] == "completed"
-    assert {"lambda1", "lambda2", "epsilon_255", "base", "test/mean_score"} <= set(rows[0])
+    assert {"lambda1", "lambda2", "generator_lr", "epsilon_255", "base", "test/mean_score"} <= set(
+        rows[0]
+    )
+    assert float(rows[0]["generator_lr"]) == 0.01  # the search space's default trial
     pareto = json.loads((run_dir / "pareto.json").read_text())
     assert 0 <= pareto["clean_score"] <= 1 and len(pareto["front"]) == 1
     assert (run_dir / "pareto.png").read_bytes().startswith(b"\x89PNG")
-    assert "Pareto front (" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Pareto front (" in printed and "| generator lr |" in printed
     trial_events = [
         f
         for f in (run_dir / "tune" / "mtlue").rglob("events.out.tfevents.*")
@@ -69,7 +73,7 @@ def test_mtlue_study_saves_and_prints_a_pareto_front(ray_cluster, tmp_path, caps
     ]
     assert len(trial_events) == 1
     names, metrics = _hparams(trial_events[0])
-    assert {"lambda1", "lambda2", "epsilon_255", "base"} <= names
+    assert {"lambda1", "lambda2", "generator_lr", "epsilon_255", "base"} <= names
     assert {"ray/tune/test/mean_score", "ray/tune/epsilon_255"} <= metrics
     # each trial's generator run wrote its own TensorBoard events (losses and image grids)
     assert list((run_dir / "tune" / "mtlue").rglob("generator/events.out.tfevents.*"))

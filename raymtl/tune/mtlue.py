@@ -210,13 +210,16 @@ class MTLUEStudy(Study):
         print(
             f"Pareto front ({len(front)} of {len(rows)} trials): victim clean-test mean score vs ε"
         )
-        header = "| ε (/255) | victim clean-test mean score | base | λ1 | λ2 | trial |"
+        header = (
+            "| ε (/255) | victim clean-test mean score | base | λ1 | λ2 | generator lr | trial |"
+        )
         print(header)
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for r in front:
             print(
                 f"| {r[EPSILON]:.2f} | {r[VICTIM_SCORE]:.4f} | {r.get('base', '')} | "
-                f"{r.get('lambda1', math.nan):.3g} | {r.get('lambda2', math.nan):.3g} | {r['trial_id']} |"
+                f"{r.get('lambda1', math.nan):.3g} | {r.get('lambda2', math.nan):.3g} | "
+                f"{r.get('generator_lr', ProtectConfig.lr):.2g} | {r['trial_id']} |"
             )
         print(f"Pareto front: {run.path / 'pareto.csv'} and {run.path / 'pareto.png'}")
         run.write_json(
