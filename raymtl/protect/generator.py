@@ -163,7 +163,7 @@ class MTLUEGenerator(nn.Module):
         )
 
     def label_embeddings(
-        self, targets: dict[str, Tensor], batch: int, size: tuple[int, int] | None = None
+        self, targets: dict[str, Tensor], batch: int, size: tuple[int, int]
     ) -> list[Tensor]:
         """The embedding chosen by each task's label (unprotected tasks: the mean over classes;
         dense tasks: their encoded label map at ``size``, or an all-zero map when unprotected)."""

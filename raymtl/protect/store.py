@@ -135,6 +135,12 @@ def apply_integer_deltas(images: torch.Tensor, deltas: np.ndarray) -> torch.Tens
     )
 
 
+def _carrying(split: MultiTaskArrays, ordered: np.ndarray) -> MultiTaskArrays:
+    """A copy of ``split`` whose images carry ``ordered`` (one δ row per sample, in split order)."""
+    protected = apply_integer_deltas(split.images, ordered)
+    return MultiTaskArrays(protected, split.targets, split.ids, split.split, split.factors)
+
+
 def with_deltas(split: MultiTaskArrays, ids: np.ndarray, deltas: np.ndarray) -> MultiTaskArrays:
     """A copy of ``split`` whose images carry the given δ rows, matched by sample id (in any order),
     e.g. a ``ProtectResult``'s ``ids`` and ``deltas``."""
@@ -142,13 +148,9 @@ def with_deltas(split: MultiTaskArrays, ids: np.ndarray, deltas: np.ndarray) -> 
     missing = [int(i) for i in split.ids.tolist() if int(i) not in row]
     if missing:
         raise ConfigError(f"no perturbation for sample id {missing[0]} of the {split.split} split")
-    ordered = deltas[[row[int(i)] for i in split.ids.tolist()]]
-    protected = apply_integer_deltas(split.images, ordered)
-    return MultiTaskArrays(protected, split.targets, split.ids, split.split, split.factors)
+    return _carrying(split, deltas[[row[int(i)] for i in split.ids.tolist()]])
 
 
 def protect_split(split: MultiTaskArrays, store: PerturbationStore) -> MultiTaskArrays:
     """A copy of ``split`` whose images carry the store's δ, matched by sample id."""
-    deltas = store.deltas_for(split.ids.tolist())
-    protected = apply_integer_deltas(split.images, deltas)
-    return MultiTaskArrays(protected, split.targets, split.ids, split.split, split.factors)
+    return _carrying(split, store.deltas_for(split.ids.tolist()))
