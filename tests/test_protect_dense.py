@@ -85,19 +85,24 @@ def test_dense_mtlue_generates_bounded_deltas(dense, base):
     assert 0 < np.abs(result.deltas).max() <= 8
 
 
-def test_nyuv2_format_files_are_protected_and_attacked(tmp_path):
-    """NYUv2-format files (non-square, 13 classes with ignored pixels) -> MTL-UE+TAP -> victim,
-    scored with the dense metrics."""
+def test_nyuv2_format_files_are_protected_exported_and_attacked(tmp_path):
+    """NYUv2-format files (non-square, 13 classes with ignored pixels) -> MTL-UE+TAP -> export
+    in NYUv2's own layout -> victim on the exported folder, scored with the dense metrics."""
+    from raymtl.data.base import materialise
     from raymtl.data.fake import write_nyuv2
+    from raymtl.protect.export import export_protected
+    from raymtl.protect.store import apply_integer_deltas
 
     root = write_nyuv2(tmp_path / "nyu", 12, 4, height=16, width=24)
-    store, run = tmp_path / "store", tmp_path / "victim"
+    originals = {p: p.read_bytes() for p in sorted(root.rglob("*.npy"))}
+    store, exported, run = tmp_path / "store", tmp_path / "exported", tmp_path / "victim"
     data = ["--dataset", "nyuv2", "--data-root", str(root)]
     common = ["--epochs", "1", "--width", "4", "--clean-epochs", "1"]
-    for module, args in (
-        ("raymtl.protect", ["--base", "tap", *common, "--out", store, *data]),
-        ("raymtl.victim", ["--store", store, "--epochs", "1", "--run-dir", run]),
-    ):
+    protect_args = ["--base", "tap", *common, "--out", store, *data]
+    victim_args = ["--exported", exported, "--epochs", "1", "--run-dir", run]
+    for module, args in (("raymtl.protect", protect_args), ("raymtl.victim", victim_args)):
+        if module == "raymtl.victim":
+            export_protected(store, exported, progress=False)
         proc = subprocess.run(
             [sys.executable, "-m", module, *map(str, args)],
             capture_output=True,
@@ -110,6 +115,23 @@ def test_nyuv2_format_files_are_protected_and_attacked(tmp_path):
     assert 0 < np.abs(saved.deltas).max() <= 8
     assert "mean score on the CLEAN test set" in proc.stdout
     assert "miou" in proc.stdout
+
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*.npy"))} == originals
+    for path, data_bytes in originals.items():  # the layout is kept; label maps copied as they are
+        copy = exported / path.relative_to(root)
+        assert copy.is_file(), copy
+        if path.parent.name != "image":
+            assert copy.read_bytes() == data_bytes, copy
+    clean, protected = build_dataset("nyuv2", str(root)), build_dataset("nyuv2", str(exported))
+    before, after = materialise(clean.train), materialise(protected.train)
+    want = apply_integer_deltas(before.images, saved.deltas_for(before.ids.tolist()))
+    order = [after.ids.tolist().index(i) for i in before.ids.tolist()]
+    assert after.images.dtype == torch.uint8  # materialised at the image's quantisation
+    assert torch.equal(after.images[order], want)
+    for task in ("segmentation", "depth", "normals"):
+        assert torch.equal(after.targets[task][order], before.targets[task])
+    clean_test, exported_test = materialise(clean.test), materialise(protected.test)
+    assert torch.equal(exported_test.images, clean_test.images)  # test images are not perturbed
 
 
 def _benchmark():

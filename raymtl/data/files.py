@@ -233,6 +233,13 @@ class FileFormat(ABC):
         stem, dot, _ = relative.rpartition(".")
         return f"{stem}.png" if dot else f"{relative}.png"
 
+    def export_image(self, relative: str, chw: np.ndarray) -> tuple[str, bytes]:
+        """An exported image's path and bytes, from its uint8 [C,H,W] pixels (with δ applied)."""
+        buffer = io.BytesIO()
+        array = chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
+        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+        return self.exported_name(relative), buffer.getvalue()
+
     def decode_preprocessed(self, files: dict[str, bytes]) -> tuple[np.ndarray, dict]:
         """An exported image: already cropped and resized, so decoded as it is (no geometry)."""
         image = to_chw_uint8(decode_image(files["image"], self.image_mode, f"{self.name} image"))

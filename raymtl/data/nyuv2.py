@@ -8,6 +8,7 @@ in [0, 1] (or 0..255) or uint8, [H, W, 3]; labels [H, W] with -1 = ignore; depth
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,16 @@ class NYUv2Format(FileFormat):
                 for column, sub in FOLDERS.items():
                     rows[column].append(f"{folder}/{sub}/{stem}.npy")
         return index_table(rows)
+
+    def export_image(self, relative: str, chw: np.ndarray) -> tuple[str, bytes]:
+        """Same path, the layout's float [H, W, 3] in [0, 1]: k/255 reads back as exactly k."""
+        buffer = io.BytesIO()
+        np.save(buffer, (chw.transpose(1, 2, 0) / np.float32(255)).astype(np.float32))
+        return relative, buffer.getvalue()
+
+    def decode_preprocessed(self, files: dict[str, bytes]) -> tuple[np.ndarray, dict]:
+        """An export is read like the original: images were never resized."""
+        return self.decode(files, False, None)
 
     def decode(
         self, files: dict[str, bytes], train: bool, rng: np.random.Generator | None

@@ -2,8 +2,9 @@
 
 ``python -m raymtl.protect.export --store S --out DIR`` writes a copy of the store's data set:
 the same folder layout and label files, every image decoded as raymtl decodes it (cropped and
-resized to the model's input size), training images carrying their δ, all as lossless PNG so δ
-survives exactly. Label files are copied with image names rewritten where the extension changed.
+resized to the model's input size), training images carrying their δ, in a lossless encoding so
+δ survives exactly (PNG; NYUv2 keeps its .npy). Label files are copied with image names rewritten
+where the extension changed; dense label files (NYUv2's label/depth/normal) are copied as they are.
 A ``raymtl_export.json`` marker lets raymtl's own readers load the folder without resizing again.
 The original data set is only read; the export is built in a temporary folder and renamed.
 """
@@ -11,7 +12,6 @@ The original data set is only read; the export is built in a temporary folder an
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import shutil
 import tempfile
@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import raymtl
@@ -46,13 +44,6 @@ class ExportReport:
     skipped: int  # unreadable samples left out (on_bad_sample='skip')
 
 
-def _png(chw: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    array = chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def rename_tokens(text: str, renames: dict[str, str]) -> str:
     """``text`` with every whitespace- or comma-separated token found in ``renames`` replaced."""
     return TOKEN.sub(lambda match: renames.get(match.group(0), match.group(0)), text)
@@ -72,12 +63,6 @@ def export_protected(
             f"{store.folder}: data set {bundle.name!r} is generated, not read from files, so it has "
             "no format of its own to export to; victims read the store directly"
         )
-    fmt = source.format
-    if tuple(fmt.file_columns) != ("image",):
-        raise ConfigError(
-            f"{store.folder}: exporting {bundle.name!r} (dense labels) is not supported; "
-            "celeba, chestxray14 and utkface are"
-        )
     out = Path(out)
     if out.exists():
         raise ConfigError(f"--out {out}: already exists; choose a new folder")
@@ -91,6 +76,11 @@ def export_protected(
         raise
     report.out = out
     return report
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def _write(store: PerturbationStore, bundle: Any, source: Any, folder: Path, progress: bool):
@@ -119,10 +109,12 @@ def _write(store: PerturbationStore, bundle: Any, source: Any, folder: Path, pro
         else:
             clean += 1
         relative = every.paths["image"][position]
-        target = fmt.exported_name(relative)
+        target, encoded = fmt.export_image(relative, image[0].numpy())
         renames[relative.rsplit("/", 1)[-1]] = target.rsplit("/", 1)[-1]
-        (folder / target).parent.mkdir(parents=True, exist_ok=True)
-        (folder / target).write_bytes(_png(image[0].numpy()))
+        _write_file(folder / target, encoded)
+        for column in fmt.file_columns[1:]:  # dense label files (e.g. NYUv2's) are copied as is
+            label_file = every.paths[column][position]
+            _write_file(folder / label_file, source.root.read_bytes(label_file))
     for name in fmt.label_files:
         text = source.root.read_text(name)
         (folder / name).write_text(rename_tokens(text, renames))
