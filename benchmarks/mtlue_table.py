@@ -14,11 +14,12 @@ import csv
 import io
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from raymtl.data import build_dataset
-from raymtl.engine import TrainConfig, fit
+from raymtl.data import DatasetBundle, MultiTaskArrays, build_dataset
+from raymtl.engine import FitResult, TrainConfig, fit
 from raymtl.io import atomic_write_text
 from raymtl.models import create_model
 from raymtl.protect import ProtectConfig, SurrogateConfig, protect
@@ -45,11 +46,8 @@ def mean_balanced_accuracy(per_task: dict[str, dict[str, float]]) -> float:
     return sum(m["balanced_accuracy"] for m in per_task.values()) / len(per_task)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Generate every cell's perturbations, train a victim on each, print and save the table."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The table's data, victim and generator options (shared with partial_protect.py)."""
     parser.add_argument("--n-train", type=int, default=8000)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=32)
@@ -87,19 +85,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--clean-epochs", type=int, default=8)
     parser.add_argument("--lambda1", type=float, default=10.0)
     parser.add_argument("--lambda2", type=float, default=200.0)
-    parser.add_argument(
-        "--cells",
-        default=",".join(DEFAULT_CELLS),
-        help=f"comma-separated columns, from: {', '.join(CELLS)}",
-    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/mtlue-table")
-    args = parser.parse_args(argv)
+
+
+class Setup(NamedTuple):
+    """The synthetic data set and the surrogate / victim settings every cell shares."""
+
+    args: argparse.Namespace
+    bundle: DatasetBundle
+    surrogate: SurrogateConfig
+    victim: TrainConfig
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Build the contrast-reduced synthetic set and the shared settings from the options."""
     torch.manual_seed(args.seed)  # victims built before training start from the same weights
-    unknown = [c for c in args.cells.split(",") if c not in CELLS]
-    if unknown:
-        parser.error(f"--cells: unknown column {unknown[0]!r}; available: {', '.join(CELLS)}")
     torch.set_num_threads(args.threads)
     bundle = build_dataset(
         "synthetic",
@@ -113,34 +114,69 @@ def main(argv: list[str] | None = None) -> list[dict]:
         clean_epochs=args.clean_epochs, em_steps_per_epoch=args.em_steps_per_epoch, seed=args.seed
     )
     victim = TrainConfig(epochs=args.victim_epochs, seed=args.seed, eval_every=0)
+    return Setup(args, bundle, surrogate, victim)
+
+
+def protected_train(
+    setup: Setup, cell: str, protected_tasks: list[str] | None = None
+) -> MultiTaskArrays:
+    """The training split as the cell publishes it (``protected_tasks``: partial protection)."""
+    args, bundle = setup.args, setup.bundle
+    if CELLS[cell] is None:
+        return bundle.train
+    method, base, extra = CELLS[cell]
+    config = ProtectConfig(
+        method=method,
+        base=base,
+        epsilon=args.epsilon,
+        epochs=args.generator_epochs if method == "mtlue" else args.pgd_rounds,
+        samples_per_epoch=args.samples_per_epoch,
+        width=args.width,
+        lr=args.generator_lr,
+        variant=args.variant,
+        pgd_steps=args.pgd_steps,
+        lambda1=args.lambda1,
+        lambda2=args.lambda2,
+        protected_tasks=protected_tasks,
+        seed=args.seed,
+        surrogate=setup.surrogate,
+        **extra,
+    )
+    result = protect(bundle.train, bundle.tasks, bundle.in_channels, bundle.image_size, config)
+    return with_deltas(bundle.train, result.ids, result.deltas)
+
+
+def train_victim(setup: Setup, train: MultiTaskArrays) -> FitResult:
+    """A fresh small-CNN MTL victim trained on ``train``, evaluated on the CLEAN test set."""
+    bundle = setup.bundle
+    model = create_model("small_cnn", bundle.tasks, bundle.in_channels, bundle.image_size)
+    return fit(model, train, bundle.test, bundle.tasks, setup.victim)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Generate every cell's perturbations, train a victim on each, print and save the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    parser.add_argument(
+        "--cells",
+        default=",".join(DEFAULT_CELLS),
+        help=f"comma-separated columns, from: {', '.join(CELLS)}",
+    )
+    parser.add_argument("--out", default="runs/mtlue-table")
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cells.split(",") if c not in CELLS]
+    if unknown:
+        parser.error(f"--cells: unknown column {unknown[0]!r}; available: {', '.join(CELLS)}")
+    setup = prepare(args)
+    bundle = setup.bundle
     rows = []
     for name in args.cells.split(","):
         start = time.perf_counter()
-        train = bundle.train
-        if CELLS[name] is not None:
-            method, base, extra = CELLS[name]
-            epochs = args.generator_epochs if method == "mtlue" else args.pgd_rounds
-            config = ProtectConfig(
-                method=method,
-                base=base,
-                epsilon=args.epsilon,
-                epochs=epochs,
-                samples_per_epoch=args.samples_per_epoch,
-                width=args.width,
-                lr=args.generator_lr,
-                variant=args.variant,
-                pgd_steps=args.pgd_steps,
-                lambda1=args.lambda1,
-                lambda2=args.lambda2,
-                seed=args.seed,
-                surrogate=surrogate,
-                **extra,
-            )
-            result = protect(train, bundle.tasks, bundle.in_channels, bundle.image_size, config)
-            train = with_deltas(train, result.ids, result.deltas)
+        train = protected_train(setup, name)
         protect_seconds = time.perf_counter() - start
-        model = create_model("small_cnn", bundle.tasks, bundle.in_channels, bundle.image_size)
-        outcome = fit(model, train, bundle.test, bundle.tasks, victim)
+        outcome = train_victim(setup, train)
         score = mean_balanced_accuracy(outcome.test["tasks"])
         rows.append(
             {

@@ -333,6 +333,51 @@ def test_the_table_command_runs_at_a_tiny_size(tmp_path):
     assert "MTL-UE+SEP" in (tmp_path / "table.md").read_text()
 
 
+def _partial_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "partial_protect.py"
+    spec = importlib.util.spec_from_file_location("partial_protect", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_partial_protection_command_runs_at_a_tiny_size_and_judges_both_groups(tmp_path):
+    module = _partial_benchmark()
+    tiny = ["--n-train", "96", "--n-test", "32", "--image-size", "16", "--victim-epochs", "1"]
+    tiny += ["--generator-epochs", "1", "--samples-per-epoch", "64", "--width", "4"]
+    tiny += ["--clean-epochs", "1", "--protected-tasks", "large,shape", "--out", str(tmp_path)]
+    outcome = module.main(tiny)
+    assert outcome["protected"] == ["large", "shape"]
+    assert set(outcome["scores"]) == {"clean", "full", "partial"}
+    rows = (tmp_path / "partial.csv").read_text().splitlines()
+    assert rows[0] == "task,group,clean,full,partial" and len(rows) == 1 + 14
+    assert any(r.startswith("shape,protected,") for r in rows)
+    assert any(r.startswith("hue,unprotected,") for r in rows)
+    assert "protected tasks (2)" in (tmp_path / "partial.md").read_text()
+    with pytest.raises(SystemExit):
+        module.main(["--protected-tasks", "nonexistent", "--out", str(tmp_path / "x")])
+
+
+def test_partial_protection_verdicts_compare_the_right_victims():
+    verdicts = _partial_benchmark().verdicts
+    scores = {
+        "clean": {"a": 0.90, "b": 0.90},
+        "full": {"a": 0.50, "b": 0.50},
+        "partial": {"a": 0.54, "b": 0.88},  # a protected near full, b unprotected near clean
+    }
+    (_, unprotected_gap, unprotected_met), (_, protected_gap, protected_met) = verdicts(
+        scores, ["a"], ["b"]
+    )
+    assert unprotected_gap == pytest.approx(-0.02) and unprotected_met
+    assert protected_gap == pytest.approx(0.04) and protected_met
+    scores["partial"] = {"a": 0.60, "b": 0.85}
+    checks = verdicts(scores, ["a"], ["b"])
+    assert [met for _, _, met in checks] == [False, False]
+
+
 def test_protect_then_victim_commands_end_to_end(tmp_path):
     store, run = tmp_path / "store", tmp_path / "victim"
     common = ["--n-train", "64", "--n-test", "32", "--image-size", "16"]

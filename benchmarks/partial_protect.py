@@ -1,0 +1,151 @@
+"""Partial-task protection on the embedded synthetic set: protect half of the tasks, leave the rest
+learnable. Three small-CNN MTL victims, each evaluated on the CLEAN test set: trained on clean
+data, on fully protected data and on partially protected data (same method and settings as
+mtlue_table.py, whose options this command shares).
+
+The issue's targets, on mean balanced accuracy per group of tasks:
+- unprotected tasks: the partial victim within 3 points of the clean victim;
+- protected tasks: the partial victim within 5 points of the fully protected victim.
+
+Writes partial.csv (one row per task) and partial.md to --out and prints them.
+Usage: python benchmarks/partial_protect.py [--cell MTL-UE+TAP] [--protected-tasks a,b,...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mtlue_table  # a sibling script in benchmarks/, not a package
+
+from raymtl.io import atomic_write_text
+
+VICTIMS = ("clean", "full", "partial")
+UNPROTECTED_TOLERANCE = 0.03  # unprotected tasks: partial victim within 3 points of clean
+PROTECTED_TOLERANCE = 0.05  # protected tasks: partial victim within 5 points of full protection
+
+
+def group_mean(scores: dict[str, float], names: list[str]) -> float:
+    """Mean of the named tasks' scores."""
+    return sum(scores[n] for n in names) / len(names)
+
+
+def verdicts(
+    per_victim: dict[str, dict[str, float]], protected: list[str], unprotected: list[str]
+) -> list[tuple[str, float, bool]]:
+    """(what, gap, met) for the two targets: the partial victim's unprotected tasks against the
+    clean victim, and its protected tasks against the fully protected victim."""
+    unprotected_gap = group_mean(per_victim["partial"], unprotected) - group_mean(
+        per_victim["clean"], unprotected
+    )
+    protected_gap = group_mean(per_victim["partial"], protected) - group_mean(
+        per_victim["full"], protected
+    )
+    return [
+        (
+            "unprotected tasks: partial − clean",
+            unprotected_gap,
+            abs(unprotected_gap) <= UNPROTECTED_TOLERANCE,
+        ),
+        (
+            "protected tasks: partial − full",
+            protected_gap,
+            abs(protected_gap) <= PROTECTED_TOLERANCE,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train the three victims, print and save per-task and per-group balanced accuracy."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mtlue_table.add_arguments(parser)
+    parser.add_argument("--cell", default="MTL-UE+TAP", help="protection method (a table column)")
+    parser.add_argument(
+        "--protected-tasks",
+        default=None,
+        help="comma-separated tasks to protect (default: the first half of the data set's tasks)",
+    )
+    parser.add_argument("--out", default="runs/partial-protect")
+    args = parser.parse_args(argv)
+    if mtlue_table.CELLS.get(args.cell) is None:
+        protectors = [c for c, v in mtlue_table.CELLS.items() if v is not None]
+        parser.error(
+            f"--cell: {args.cell!r} is not a protection method; one of {', '.join(protectors)}"
+        )
+    setup = mtlue_table.prepare(args)
+    names = [t.name for t in setup.bundle.tasks]
+    if args.protected_tasks is None:
+        protected = names[: len(names) // 2]
+    else:
+        protected = [n for n in args.protected_tasks.split(",") if n]
+        unknown = [n for n in protected if n not in names]
+        if unknown or not protected or len(protected) == len(names):
+            parser.error(
+                f"--protected-tasks: name some but not all of the tasks {', '.join(names)}"
+                + (f"; unknown: {unknown[0]!r}" if unknown else "")
+            )
+    unprotected = [n for n in names if n not in protected]
+    print(f"protected ({len(protected)}): {', '.join(protected)}", flush=True)
+    per_victim: dict[str, dict[str, float]] = {}
+    for victim in VICTIMS:
+        start = time.perf_counter()
+        if victim == "clean":
+            train = setup.bundle.train
+        else:
+            train = mtlue_table.protected_train(
+                setup, args.cell, protected if victim == "partial" else None
+            )
+        protect_seconds = time.perf_counter() - start
+        torch.manual_seed(args.seed)  # every victim starts from the same weights
+        outcome = mtlue_table.train_victim(setup, train)
+        per_victim[victim] = {n: m["balanced_accuracy"] for n, m in outcome.test["tasks"].items()}
+        print(
+            f"{victim:<8} victim: protected tasks {group_mean(per_victim[victim], protected):.4f}, "
+            f"unprotected tasks {group_mean(per_victim[victim], unprotected):.4f}  "
+            f"(protect {protect_seconds:.0f}s, victim {outcome.seconds:.0f}s)",
+            flush=True,
+        )
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["task", "group", *VICTIMS])
+    for name in names:
+        group = "protected" if name in protected else "unprotected"
+        writer.writerow([name, group, *(f"{per_victim[v][name]:.4f}" for v in VICTIMS)])
+    out = Path(args.out)
+    atomic_write_text(out / "partial.csv", buffer.getvalue())
+    checks = verdicts(per_victim, protected, unprotected)
+    lines = [
+        f"| {args.cell}, ε = {round(args.epsilon * 255)}/255, mean balanced accuracy | "
+        + " | ".join(f"{v} victim" for v in VICTIMS)
+        + " |",
+        "|---|---|---|---|",
+    ]
+    for group, members in (("protected", protected), ("unprotected", unprotected)):
+        lines.append(
+            f"| {group} tasks ({len(members)}) | "
+            + " | ".join(f"{group_mean(per_victim[v], members):.4f}" for v in VICTIMS)
+            + " |"
+        )
+    lines.append("")
+    limits = (UNPROTECTED_TOLERANCE, PROTECTED_TOLERANCE)
+    for (what, gap, met), limit in zip(checks, limits, strict=True):
+        lines.append(
+            f"- {what}: {gap:+.4f} (target within ±{limit:.2f}): {'met' if met else 'NOT met'}"
+        )
+    atomic_write_text(out / "partial.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return {"protected": protected, "scores": per_victim, "checks": checks}
+
+
+if __name__ == "__main__":
+    main()
