@@ -286,15 +286,8 @@ def test_protect_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path,
     assert not out.exists()
 
 
-def test_the_table_command_runs_at_a_tiny_size(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mtlue_table.py"
-    spec = importlib.util.spec_from_file_location("mtlue_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.main(
+def test_the_table_command_runs_at_a_tiny_size(tmp_path, benchmark_script):
+    rows = benchmark_script("mtlue_table").main(
         [
             "--n-train",
             "96",
@@ -333,19 +326,10 @@ def test_the_table_command_runs_at_a_tiny_size(tmp_path):
     assert "MTL-UE+SEP" in (tmp_path / "table.md").read_text()
 
 
-def _partial_benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "partial_protect.py"
-    spec = importlib.util.spec_from_file_location("partial_protect", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_partial_protection_command_runs_at_a_tiny_size_and_judges_both_groups(tmp_path):
-    module = _partial_benchmark()
+def test_partial_protection_command_runs_at_a_tiny_size_and_judges_both_groups(
+    tmp_path, benchmark_script
+):
+    module = benchmark_script("partial_protect")
     tiny = ["--n-train", "96", "--n-test", "32", "--image-size", "16", "--victim-epochs", "1"]
     tiny += ["--generator-epochs", "1", "--samples-per-epoch", "64", "--width", "4"]
     tiny += ["--clean-epochs", "1", "--protected-tasks", "large,shape", "--out", str(tmp_path)]
@@ -361,8 +345,8 @@ def test_partial_protection_command_runs_at_a_tiny_size_and_judges_both_groups(t
         module.main(["--protected-tasks", "nonexistent", "--out", str(tmp_path / "x")])
 
 
-def test_partial_protection_verdicts_compare_the_right_victims():
-    verdicts = _partial_benchmark().verdicts
+def test_partial_protection_verdicts_compare_the_right_victims(benchmark_script):
+    verdicts = benchmark_script("partial_protect").verdicts
     scores = {
         "clean": {"a": 0.90, "b": 0.90},
         "full": {"a": 0.50, "b": 0.50},

@@ -134,19 +134,8 @@ def test_nyuv2_format_files_are_protected_exported_and_attacked(tmp_path):
     assert torch.equal(exported_test.images, clean_test.images)  # test images are not perturbed
 
 
-def _benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "dense_protect.py"
-    spec = importlib.util.spec_from_file_location("dense_protect", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_input_independent_predictor_uses_per_pixel_training_statistics(dense):
-    prior = _benchmark().InputIndependentPredictor(dense.train, dense.tasks)
+def test_input_independent_predictor_uses_per_pixel_training_statistics(dense, benchmark_script):
+    prior = benchmark_script("dense_protect").InputIndependentPredictor(dense.train, dense.tasks)
     out = prior(torch.zeros(2, 3, 16, 16))
     seg = dense.train.targets["segmentation"]
     counts = torch.stack([(seg == c).sum(0) for c in range(4)])
@@ -157,8 +146,8 @@ def test_input_independent_predictor_uses_per_pixel_training_statistics(dense):
     assert torch.allclose(out["normals"][0].norm(dim=0), torch.ones(16, 16), atol=1e-5)
 
 
-def test_the_dense_table_command_runs_at_a_tiny_size(tmp_path):
-    rows = _benchmark().main(
+def test_the_dense_table_command_runs_at_a_tiny_size(tmp_path, benchmark_script):
+    rows = benchmark_script("dense_protect").main(
         [
             *("--n-train", "48", "--n-test", "16", "--image-size", "16"),
             *("--victim-epochs", "1", "--clean-epochs", "1", "--generator-epochs", "1"),
