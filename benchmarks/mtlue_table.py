@@ -118,7 +118,10 @@ def prepare(args: argparse.Namespace) -> Setup:
 
 
 def protected_train(
-    setup: Setup, cell: str, protected_tasks: list[str] | None = None
+    setup: Setup,
+    cell: str,
+    protected_tasks: list[str] | None = None,
+    keep_unprotected: float = ProtectConfig.keep_unprotected,
 ) -> MultiTaskArrays:
     """The training split as the cell publishes it (``protected_tasks``: partial protection)."""
     args, bundle = setup.args, setup.bundle
@@ -138,6 +141,7 @@ def protected_train(
         lambda1=args.lambda1,
         lambda2=args.lambda2,
         protected_tasks=protected_tasks,
+        keep_unprotected=keep_unprotected,
         seed=args.seed,
         surrogate=setup.surrogate,
         **extra,

@@ -1,7 +1,8 @@
 """Partial-task protection on the embedded synthetic set: protect half of the tasks, leave the rest
 learnable. Three small-CNN MTL victims, each evaluated on the CLEAN test set: trained on clean
 data, on fully protected data and on partially protected data (same method and settings as
-mtlue_table.py, whose options this command shares).
+mtlue_table.py, whose options this command shares). With TAP or SEP the generator also keeps the
+clean model's predictions of the unprotected tasks (--keep-unprotected, 0 = off).
 
 The issue's targets, on mean balanced accuracy per group of tasks:
 - unprotected tasks: the partial victim within 3 points of the clean victim;
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mtlue_table  # a sibling script in benchmarks/, not a package
 
 from raymtl.io import atomic_write_text
+from raymtl.protect import ProtectConfig
 
 VICTIMS = ("clean", "full", "partial")
 UNPROTECTED_TOLERANCE = 0.03  # unprotected tasks: partial victim within 3 points of clean
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="comma-separated tasks to protect (default: the first half of the data set's tasks)",
     )
+    parser.add_argument(
+        "--keep-unprotected",
+        type=float,
+        default=ProtectConfig.keep_unprotected,
+        help="TAP/SEP: weight of keeping the unprotected tasks' predictions (0 = off)",
+    )
     parser.add_argument("--out", default="runs/partial-protect")
     args = parser.parse_args(argv)
     if mtlue_table.CELLS.get(args.cell) is None:
@@ -101,9 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         if victim == "clean":
             train = setup.bundle.train
         else:
-            train = mtlue_table.protected_train(
-                setup, args.cell, protected if victim == "partial" else None
-            )
+            chosen = protected if victim == "partial" else None
+            train = mtlue_table.protected_train(setup, args.cell, chosen, args.keep_unprotected)
         protect_seconds = time.perf_counter() - start
         torch.manual_seed(args.seed)  # every victim starts from the same weights
         outcome = mtlue_table.train_victim(setup, train)

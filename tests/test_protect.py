@@ -494,6 +494,32 @@ def test_partial_protection_never_injects_unprotected_labels(tiny):
         protect(tiny.train, tasks, 3, 16, _config(protected_tasks=["smile"]), progress=False)
 
 
+def test_partial_tap_keeps_the_unprotected_tasks_predictions(tiny):
+    """TAP/SEP with partial protection: the clean model has every task's head, and the loss adds
+    keep_weight × its true-label loss on the unprotected tasks (0 leaves only the targeted part)."""
+    from raymtl.protect.bases import mean_task_loss
+    from raymtl.protect.run import create_base
+
+    tasks = tiny.tasks
+    protected = [t for t in tasks if t.name in ("large", "hue")]
+    kept = [t for t in tasks if t not in protected]
+    config = _config(base="sep", protected_tasks=["large", "hue"], keep_unprotected=0.5)
+    base = create_base(config, tasks, protected, 3, 16)
+    base.prepare(tiny.train)
+    probe = tiny.train.images[:2].float() / 255
+    assert all(set(m(probe)) == {t.name for t in tasks} for m in base.models)
+    batch = tiny.train.__getitems__(list(range(16)))
+    wanted = {t.name: target_labels(t, batch["targets"][t.name]) for t in protected}
+    targeted = sum(mean_task_loss(m, batch["image"], wanted, protected) for m in base.models)
+    keeping = sum(mean_task_loss(m, batch["image"], batch["targets"], kept) for m in base.models)
+    got = base.loss(batch["image"], batch["targets"])
+    assert torch.allclose(got, targeted + 0.5 * keeping, atol=1e-5)
+    base.keep_weight = 0.0
+    assert torch.allclose(base.loss(batch["image"], batch["targets"]), targeted, atol=1e-5)
+    with pytest.raises(ConfigError, match="keep_unprotected must be >= 0"):
+        ProtectConfig(keep_unprotected=-1).validate()
+
+
 def test_partial_protection_end_to_end_reports_both_groups(tmp_path):
     store, run = tmp_path / "store", tmp_path / "victim"
     common = ["--n-train", "64", "--n-test", "32", "--image-size", "16"]

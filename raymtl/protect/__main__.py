@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="partial-task protection: comma-separated tasks to protect (default: all tasks)",
     )
     parser.add_argument(
+        "--keep-unprotected",
+        type=float,
+        default=ProtectConfig.keep_unprotected,
+        help="partial protection with tap/sep: weight of keeping the unprotected tasks' "
+        f"predictions, 0 = off (default: {ProtectConfig.keep_unprotected:g})",
+    )
+    parser.add_argument(
         "--combine",
         choices=COMBINE_MODES,
         default="average",
@@ -147,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.protect_tasks is not None
             else None
         ),
+        keep_unprotected=args.keep_unprotected,
         patch_size=args.patch_size,
         seed=args.seed,
         surrogate=SurrogateConfig(clean_epochs=args.clean_epochs, seed=args.seed),

@@ -103,7 +103,12 @@ class UEBase(ABC):
     name = "base"
 
     def __init__(
-        self, tasks: Sequence[TaskSpec], in_channels: int, image_size: int, config: SurrogateConfig
+        self,
+        tasks: Sequence[TaskSpec],
+        in_channels: int,
+        image_size: int,
+        config: SurrogateConfig,
+        kept: Sequence[TaskSpec] = (),
     ) -> None:
         self.tasks, self.in_channels, self.image_size, self.config = (
             list(tasks),
@@ -111,12 +116,21 @@ class UEBase(ABC):
             image_size,
             config,
         )
+        self.kept = list(kept)  # partial protection: the unprotected tasks
+        self.keep_weight = 0.0  # TAP/SEP: weight of keeping the unprotected tasks' predictions
 
     clean_models: list[nn.Module] | None = None  # a clean run trained elsewhere (TAP/SEP reuse it)
 
+    @property
+    def model_tasks(self) -> list[TaskSpec]:
+        """The heads a surrogate / clean model has: the protected tasks, then the kept ones."""
+        return self.tasks + self.kept
+
     def new_model(self) -> nn.Module:
         """A fresh surrogate network."""
-        return create_model(self.config.backbone, self.tasks, self.in_channels, self.image_size)
+        return create_model(
+            self.config.backbone, self.model_tasks, self.in_channels, self.image_size
+        )
 
     def prepare(self, train: MultiTaskArrays) -> None:
         """Train whatever the base needs before generation starts."""
@@ -159,7 +173,7 @@ def _train_clean(base: UEBase, train: MultiTaskArrays) -> list[nn.Module]:
         train.images.data_ptr(),
         len(train),
         repr(cfg),
-        tuple(t.name for t in base.tasks),
+        tuple(t.name for t in base.model_tasks),
         base.in_channels,
         base.image_size,
     )
@@ -186,7 +200,7 @@ def _train_clean(base: UEBase, train: MultiTaskArrays) -> list[nn.Module]:
         seed=cfg.seed,
         eval_every=0,
     )
-    fit(model, train, None, base.tasks, config, snapshot)
+    fit(model, train, None, base.model_tasks, config, snapshot)
     _CLEAN_RUNS.clear()
     _CLEAN_RUNS[key] = snapshots
     return snapshots
@@ -256,7 +270,9 @@ class ErrorMinimising(UEBase):
 @UE_BASES.register("tap")
 class TargetedAdversarialPoisoning(UEBase):
     """TAP (Fowl et al. 2021): push a frozen clean model toward target labels; stop when its
-    error on true labels >= tap_stop_error."""
+    error on true labels >= tap_stop_error. With partial protection (``kept`` tasks and a
+    ``keep_weight``) the same model's loss on the unprotected tasks' TRUE labels is added, so δ
+    does not carry the protected tasks' damage into the tasks that should stay learnable."""
 
     name = "tap"
 
@@ -265,9 +281,17 @@ class TargetedAdversarialPoisoning(UEBase):
 
     def loss(self, perturbed: Tensor, targets: dict[str, Tensor]) -> Tensor:
         wanted = {t.name: target_labels(t, targets[t.name]) for t in self.tasks}
-        return torch.stack(
-            [mean_task_loss(m, perturbed, wanted, self.tasks) for m in self.models]
-        ).sum()
+        losses = []
+        for model in self.models:
+            outputs = model(perturbed)
+            loss = torch.stack(
+                [t.loss(outputs[t.name], wanted[t.name]).mean() for t in self.tasks]
+            ).mean()
+            if self.kept and self.keep_weight > 0:  # the unprotected tasks stay as they were
+                kept = [t.loss(outputs[t.name], targets[t.name]).mean() for t in self.kept]
+                loss = loss + self.keep_weight * torch.stack(kept).mean()
+            losses.append(loss)
+        return torch.stack(losses).sum()
 
     def stop_error(self) -> float:
         """Error on true labels at which generation may stop."""

@@ -52,6 +52,9 @@ class ProtectConfig:
     lambda2: float = 200.0
     variant: str = "sample"  # sample | class | z_only
     protected_tasks: list[str] | None = None  # partial-task protection: these tasks only
+    # Partial protection with TAP/SEP: weight of the clean model's true-label loss on the
+    # unprotected tasks, so that δ leaves them learnable (0: only their labels are withheld).
+    keep_unprotected: float = 1.0
     bound: str = "tanh"  # tanh | clamp: how the generator keeps δ within ε
     epochs: int = 20  # generator epochs (cap) / EM-PGD rounds (cap)
     samples_per_epoch: int = 0  # generator: training samples drawn per epoch (0 = all)
@@ -79,7 +82,7 @@ class ProtectConfig:
             raise ConfigError(
                 f"epsilon must be in (0, 1] (e.g. 8/255 = {8 / 255:.4f}), got {self.epsilon}"
             )
-        for name in ("lambda1", "lambda2"):
+        for name in ("lambda1", "lambda2", "keep_unprotected"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.bound not in BOUNDS:
@@ -207,9 +210,7 @@ def protect_mtlue(
     )
     milestones = sorted({max(1, round(config.epochs * f)) for f in (0.6, 0.8)})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
-    base: UEBase = UE_BASES.create(
-        config.base, protected, in_channels, image_size, config.surrogate
-    )
+    base = create_base(config, tasks, protected, in_channels, image_size)
     base.clean_models = clean_models
     sync.broadcast_(generator)
     state = resume_state or _load(checkpoint_dir, config.fingerprint())
@@ -308,9 +309,7 @@ def protect_pgd(
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     protected = protected_subset(tasks, config.protected_tasks)
-    base: UEBase = UE_BASES.create(
-        config.base, protected, in_channels, image_size, config.surrogate
-    )
+    base = create_base(config, tasks, protected, in_channels, image_size)
     state = _load(checkpoint_dir, config.fingerprint())
     if state is not None:
         delta = state["delta"]
@@ -372,6 +371,23 @@ def protect_pgd(
         log,
         time.perf_counter() - start,
     )
+
+
+def create_base(
+    config: ProtectConfig,
+    tasks: Sequence[TaskSpec],
+    protected: Sequence[TaskSpec],
+    in_channels: int,
+    image_size: int,
+) -> UEBase:
+    """The configured base method over the protected tasks; the other tasks are kept (TAP/SEP
+    hold their predictions with weight ``keep_unprotected``)."""
+    kept = [t for t in tasks if t not in protected]
+    base: UEBase = UE_BASES.create(
+        config.base, protected, in_channels, image_size, config.surrogate, kept
+    )
+    base.keep_weight = config.keep_unprotected
+    return base
 
 
 def protected_subset(tasks: Sequence[TaskSpec], names: Sequence[str] | None) -> list[TaskSpec]:
