@@ -307,6 +307,8 @@ def test_the_table_command_runs_at_a_tiny_size(tmp_path, benchmark_script):
             "1",
             "--pgd-rounds",
             "1",
+            "--em-steps-per-epoch",
+            "2",
             "--clean-epochs",
             "1",
             "--out",
