@@ -40,6 +40,7 @@ def ray_cluster():
     import ray
 
     ray.init(
+        address="local",  # a new cluster, never one a killed test process left running
         num_cpus=2,
         include_dashboard=True,  # its State API frees placement groups of early-stopped trials
         dashboard_host="127.0.0.1",

@@ -5,6 +5,8 @@ to the world."""
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import subprocess
 import sys
 
@@ -128,11 +130,23 @@ def test_a_study_survives_losing_a_worker_node(tmp_path):
     import json
 
     script = CLUSTERS_DIR.parent / "tests" / "lost_node_study.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=400
+    # Its own session: on a timeout the whole group goes, the Ray nodes it started included, so
+    # no stray cluster is left for later tests to find.
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the lost-node study did not finish in 600 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["status"] == 0
     assert summary["removed"] and summary["finished_before_removal"] >= 2
     assert summary["kept"]
