@@ -65,7 +65,13 @@ def mean_task_loss(
     model: nn.Module, images: Tensor, targets: dict[str, Tensor], tasks: Sequence[TaskSpec]
 ) -> Tensor:
     """Mean over tasks of each task's mean loss."""
-    outputs = model(images)
+    return mean_output_loss(model(images), targets, tasks)
+
+
+def mean_output_loss(
+    outputs: dict[str, Tensor], targets: dict[str, Tensor], tasks: Sequence[TaskSpec]
+) -> Tensor:
+    """Mean over tasks of each task's mean loss, from outputs already computed."""
     return torch.stack([t.loss(outputs[t.name], targets[t.name]).mean() for t in tasks]).mean()
 
 
@@ -109,6 +115,7 @@ class UEBase(ABC):
         image_size: int,
         config: SurrogateConfig,
         kept: Sequence[TaskSpec] = (),
+        keep_weight: float = 0.0,
     ) -> None:
         self.tasks, self.in_channels, self.image_size, self.config = (
             list(tasks),
@@ -117,7 +124,7 @@ class UEBase(ABC):
             config,
         )
         self.kept = list(kept)  # partial protection: the unprotected tasks
-        self.keep_weight = 0.0  # TAP/SEP: weight of keeping the unprotected tasks' predictions
+        self.keep_weight = keep_weight  # TAP/SEP: weight of keeping the kept tasks' predictions
 
     clean_models: list[nn.Module] | None = None  # a clean run trained elsewhere (TAP/SEP reuse it)
 
@@ -284,12 +291,9 @@ class TargetedAdversarialPoisoning(UEBase):
         losses = []
         for model in self.models:
             outputs = model(perturbed)
-            loss = torch.stack(
-                [t.loss(outputs[t.name], wanted[t.name]).mean() for t in self.tasks]
-            ).mean()
+            loss = mean_output_loss(outputs, wanted, self.tasks)
             if self.kept and self.keep_weight > 0:  # the unprotected tasks stay as they were
-                kept = [t.loss(outputs[t.name], targets[t.name]).mean() for t in self.kept]
-                loss = loss + self.keep_weight * torch.stack(kept).mean()
+                loss = loss + self.keep_weight * mean_output_loss(outputs, targets, self.kept)
             losses.append(loss)
         return torch.stack(losses).sum()
 

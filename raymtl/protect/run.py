@@ -383,11 +383,15 @@ def create_base(
     """The configured base method over the protected tasks; the other tasks are kept (TAP/SEP
     hold their predictions with weight ``keep_unprotected``)."""
     kept = [t for t in tasks if t not in protected]
-    base: UEBase = UE_BASES.create(
-        config.base, protected, in_channels, image_size, config.surrogate, kept
+    return UE_BASES.create(
+        config.base,
+        protected,
+        in_channels,
+        image_size,
+        config.surrogate,
+        kept,
+        config.keep_unprotected,
     )
-    base.keep_weight = config.keep_unprotected
-    return base
 
 
 def protected_subset(tasks: Sequence[TaskSpec], names: Sequence[str] | None) -> list[TaskSpec]:
