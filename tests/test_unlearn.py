@@ -3,12 +3,14 @@ the methods, the metrics and the command."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from raymtl.data import build_dataset
 from raymtl.engine import TrainConfig, evaluate, fit, task_losses
@@ -18,15 +20,30 @@ from raymtl.unlearn import (
     UNLEARN_METHODS,
     UnlearnData,
     class_request,
+    default_options,
     load_request,
     random_request,
     retain_split,
     run_method,
 )
 from raymtl.unlearn.evaluation import ModelReport, membership_auc, retrain_distance, uis
-from raymtl.unlearn.gradients import JointProjector, per_sample_gradients, top_directions
-from raymtl.unlearn.interference import shared_parameter_names, task_subspaces
+from raymtl.unlearn.gradients import (
+    JointProjector,
+    per_sample_gradients,
+    per_sample_task_gradients,
+    top_directions,
+)
+from raymtl.unlearn.interference import (
+    per_task_gradients,
+    shared_parameter_names,
+    task_subspaces,
+)
 from raymtl.unlearn.request import request_from_pairs
+from raymtl.unlearn.tuned import (
+    load_tuned_defaults,
+    resolve_method_options,
+    tuned_options,
+)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +167,22 @@ def test_per_sample_gradients_match_one_sample_at_a_time(tiny):
     original.zero_grad()
 
 
+def test_per_sample_task_gradients_match_the_per_task_per_sample_gradients(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    batch = bundle.train.__getitems__([0, 1, 2, 3])
+    names = ["neck.2.weight", "neck.2.bias", "encoder.features.0.weight"]
+    names = [n for n in names if n in dict(original.named_parameters())]
+    assert len(names) >= 2
+    joint = per_sample_task_gradients(original, batch["image"], batch["targets"], tasks, names)
+    for k, task in enumerate(tasks):
+        ones = {task.name: torch.ones(4)}
+        alone = per_sample_gradients(
+            original, batch["image"], batch["targets"], ones, [task], names
+        )
+        for n in names:
+            torch.testing.assert_close(joint[n][:, k], alone[n], rtol=1e-4, atol=1e-6)
+
+
 def test_top_directions_keep_rank_or_energy():
     torch.manual_seed(0)
     rows = torch.randn(10, 3) @ torch.randn(3, 50)  # rank 3
@@ -232,6 +265,25 @@ def test_method_names_and_options_are_checked(tiny):
     assert {"retrain", "finetune", "gradient_ascent", "neggrad_plus", "interference_aware"} <= set(
         UNLEARN_METHODS.names()
     )
+
+
+def test_per_task_gradients_in_one_batched_pass_match_one_backward_per_task(tiny):
+    bundle, tasks, _, _, original, _ = tiny
+    model = copy.deepcopy(original)
+    params = dict(model.named_parameters())
+    batch = bundle.train.__getitems__(list(range(16)))
+    outputs = model(batch["image"])
+    terms = {t.name: t.loss(outputs[t.name], batch["targets"][t.name]).mean() for t in tasks[:3]}
+    shared = shared_parameter_names(model)
+    heads = {t.name: [n for n in params if n.startswith(f"heads.{t.name}.")] for t in tasks}
+    batched = per_task_gradients(terms, params, shared, heads)
+    assert list(batched) == list(terms)
+    for task, term in terms.items():
+        names = shared + heads[task]
+        expected = torch.autograd.grad(term, [params[n] for n in names], retain_graph=True)
+        assert set(batched[task]) == set(names)  # its own head, never another task's
+        for n, g in zip(names, expected, strict=True):
+            torch.testing.assert_close(batched[task][n], g, rtol=1e-4, atol=1e-6)
 
 
 def test_ours_never_sends_the_forget_signal_to_non_target_heads(tiny):
@@ -326,6 +378,12 @@ def test_unlearn_command_writes_the_comparison(tmp_path):
     assert (run / "request.csv").read_text().startswith("id,task\n")
     assert any((run / "tensorboard").iterdir()) and (run / "original.pt").is_file()
     assert (run / "uis_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the tuned defaults of the synthetic set apply; explicit options win over them
+    methods = yaml.safe_load((run / "config.yaml").read_text())["methods"]
+    tuned = tuned_options("gradient_ascent", "synthetic", "partial")
+    assert tuned and methods["gradient_ascent"] == {
+        **default_options("gradient_ascent"), **tuned, "steps": 2
+    }  # fmt: skip
 
 
 def test_unlearn_command_rejects_bad_input_in_one_line(tmp_path):
@@ -445,3 +503,66 @@ def test_unlearning_runs_on_real_format_files(tmp_path, name):
     assert status == 0
     rows = (run / "summary.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["original", "retrain", "interference_aware"]
+
+
+# ---------------------------------------------------------------- tuned defaults
+
+
+def test_tuned_defaults_cover_every_tuned_method_and_resolve_with_explicit_options_first(
+    tmp_path, benchmark_script
+):
+    shipped = load_tuned_defaults()
+    grids = benchmark_script("unlearn_tune").GRIDS
+    for dataset in ("synthetic", "synthetic_dense"):
+        for setting in ("full", "partial"):
+            assert set(shipped[dataset][setting]) == set(grids), (dataset, setting)
+            for method, options in shipped[dataset][setting].items():
+                assert set(options) == set(grids[method])
+                assert set(options) <= set(default_options(method))
+    path = tmp_path / "tuned.yaml"
+    path.write_text(
+        "synthetic:\n  full:\n    interference_aware: {lr: 0.002, alpha: 0.3}\n"
+        "    scrub: {lr: 0.001}\n"
+    )
+    methods = {"scrub": {"lr": 0.5}, "interference_aware@fast": {"steps": 3},
+               "projected_gradient": {}, "finetune": {}}  # fmt: skip
+    resolved = resolve_method_options(methods, "synthetic", "full", path)
+    assert resolved == {
+        "scrub": {"lr": 0.5},  # explicit wins
+        "interference_aware@fast": {"lr": 0.002, "alpha": 0.3, "steps": 3},  # NAME@LABEL: NAME's
+        "projected_gradient": {"lr": 0.002, "alpha": 0.3},  # an ablation inherits ours'
+        "finetune": {},  # nothing tuned: signature defaults
+    }
+    assert resolve_method_options(methods, "synthetic", "partial", path)["scrub"] == {"lr": 0.5}
+    assert tuned_options("scrub", "celeba", "full", path) == {}
+    with pytest.raises(ConfigError, match="setting must be one of"):
+        tuned_options("scrub", "synthetic", "both", path)
+    for text, message in [("a: [1", "not valid YAML"), ("synthetic: {most: {}}", "settings among")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message) as err:
+            load_tuned_defaults(path)
+        assert str(path) in str(err.value)
+    assert load_tuned_defaults(tmp_path / "absent.yaml") == {}
+
+
+def test_tuning_picks_each_methods_lowest_uis_point_and_merges_the_file(tmp_path, benchmark_script):
+    tune = benchmark_script("unlearn_tune")
+    assert tune.grid_points({"lr": [1, 2], "steps": [3]}) == [
+        {"lr": 1, "steps": 3}, {"lr": 2, "steps": 3}
+    ]  # fmt: skip
+    rows = [{"method": "original", "uis_mean": 0.0}, {"method": "a@0", "uis_mean": 0.3},
+            {"method": "a@1", "uis_mean": 0.1}, {"method": "b@0", "uis_mean": 0.2}]  # fmt: skip
+    assert tune.best_points(rows) == {"a": (1, 0.1), "b": (0, 0.2)}
+    path = tmp_path / "tuned.yaml"
+    path.write_text("celeba:\n  full:\n    scrub: {lr: 0.001}\n")
+    tuned = tune.main(
+        ["--datasets", "synthetic", "--settings", "full", "--methods", "finetune",
+         "--scale", "0.02", "--epochs", "1", "--write", str(path), "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    chosen = tuned["synthetic"]["full"]["finetune"]
+    assert chosen in tune.grid_points(tune.GRIDS["finetune"])
+    assert load_tuned_defaults(path) == {
+        "celeba": {"full": {"scrub": {"lr": 0.001}}},  # entries of other data sets stay
+        "synthetic": {"full": {"finetune": chosen}},
+    }
+    assert len((tmp_path / "out" / "synthetic-full.txt").read_text().splitlines()) == 9

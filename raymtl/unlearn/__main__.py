@@ -43,6 +43,7 @@ from raymtl.unlearn.report import (
     to_csv,
     to_markdown,
 )
+from raymtl.unlearn.tuned import resolve_method_options
 
 PROG = "python -m raymtl.unlearn"
 DEFAULT_METHODS = "retrain,finetune,gradient_ascent,neggrad_plus,interference_aware"
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME.KEY=VALUE",
         help="an option of one method (or of a NAME@LABEL variant), e.g. interference_aware.rank=4",
+    )
+    group.add_argument(
+        "--no-tuned",
+        action="store_true",
+        help="use each method's signature defaults, not the tuned defaults for this data set "
+        "and setting (raymtl/unlearn/tuned_defaults.yaml)",
     )
     group.add_argument(
         "--original", help="load the original model's weights (.pt) instead of training"
@@ -150,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         request = random_request(train.ids, bundle.tasks, fraction, targets, args.seed)
     if args.original and not Path(args.original).is_file():
         raise ConfigError(f"--original {args.original}: missing file")
+    if not args.no_tuned:
+        setting = "full" if request.full else "partial"
+        options = resolve_method_options(options, bundle.name, setting)
 
     run = RunDir.create(args.run_dir, "unlearn")
     run.write_config(

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from raymtl.tasks import TaskSpec
 
@@ -47,6 +47,35 @@ def per_sample_gradients(
         images,
         {k: v for k, v in targets.items() if k in used},
         {k: weights[k].to(images.dtype) for k in used},
+    )
+
+
+def per_sample_task_gradients(
+    model: nn.Module,
+    images: Tensor,
+    targets: Mapping[str, Tensor],
+    tasks: Sequence[TaskSpec],
+    names: Sequence[str],
+) -> dict[str, Tensor]:
+    """Every task's loss gradient for every sample, w.r.t. the named parameters:
+    {name: [B, T, *shape]} (T in the order of ``tasks``). One forward pass per sample serves all
+    tasks (a Jacobian of the task-loss vector), instead of one per (sample, task)."""
+    wanted = set(names)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in wanted}
+    frozen.update(dict(model.named_buffers()))
+
+    def losses_one(
+        trainable: dict[str, Tensor], image: Tensor, target: dict[str, Tensor]
+    ) -> Tensor:
+        outputs = functional_call(model, {**trainable, **frozen}, (image[None],))
+        return torch.stack(
+            [task.loss(outputs[task.name].float(), target[task.name][None]).sum() for task in tasks]
+        )
+
+    used = {t.name for t in tasks}
+    return vmap(jacrev(losses_one), in_dims=(None, 0, 0))(
+        params, images, {k: v for k, v in targets.items() if k in used}
     )
 
 
@@ -149,9 +178,17 @@ class JointProjector:
             self.retain = None
             return
         self.retain = gradients.float().T  # R [p, m]
-        self.retain_coeffs = gram_coefficients_from((self.retain.T @ self.retain).double()).float()
-        if self.names:  # AᵀB, with A = R @ retain_coeffs
-            self.retain_dot_columns = self.retain_coeffs.T @ (self.retain.T @ self.columns)
+        self._retain_factors: tuple[Tensor, Tensor | None] | None = None  # made on first use
+
+    def _factors(self) -> tuple[Tensor, Tensor | None]:
+        """K with A = R·K orthonormal, and AᵀB (None without task bases), for this retain batch;
+        computed once per batch, and only for tensors large enough to need them."""
+        if self._retain_factors is None:
+            assert self.retain is not None
+            coeffs = gram_coefficients_from((self.retain.T @ self.retain).double()).float()
+            dot = coeffs.T @ (self.retain.T @ self.columns) if self.names else None
+            self._retain_factors = (coeffs, dot)
+        return self._retain_factors
 
     def project(self, gradient: Tensor, task: str | None) -> Tensor:
         """``gradient`` minus its component in span(retain gradients ∪ other tasks' directions);
@@ -169,17 +206,18 @@ class JointProjector:
             return project_out(g.double(), basis).to(gradient.dtype).reshape(gradient.shape)
         a = None
         if self.retain is not None:
-            a = self.retain_coeffs.T @ (self.retain.T @ g)  # Aᵀg
+            retain_coeffs, retain_dot_columns = self._factors()
+            a = retain_coeffs.T @ (self.retain.T @ g)  # Aᵀg
         if not use_task:
             if a is not None:
-                g = g - self.retain @ (self.retain_coeffs @ a)
+                g = g - self.retain @ (retain_coeffs @ a)
             return g.to(gradient.dtype).reshape(gradient.shape)
         idx, t = self.others[task], self.coeffs[task]
         u = t.T @ (self.columns.T @ g)[idx]  # U_tᵀg
         if a is None:
             g = g - self._columns_times(idx, t @ u)
             return g.to(gradient.dtype).reshape(gradient.shape)
-        m = (self.retain_dot_columns[:, idx] @ t).double()  # M = AᵀU_t
+        m = (retain_dot_columns[:, idx] @ t).double()  # M = AᵀU_t
         c_gram = torch.eye(m.shape[1], dtype=torch.float64) - m.T @ m  # CᵀC
         values, vectors = torch.linalg.eigh(c_gram)
         keep = values > 1e-6
@@ -187,7 +225,7 @@ class JointProjector:
         z = vectors[:, keep] @ ((vectors[:, keep].T @ c_dot_g) / values[keep])
         removed_a = (a.double() - m @ z).float()  # coefficient on A: A a − A M z
         z = z.float()
-        g = g - self.retain @ (self.retain_coeffs @ removed_a) - self._columns_times(idx, t @ z)
+        g = g - self.retain @ (retain_coeffs @ removed_a) - self._columns_times(idx, t @ z)
         return g.to(gradient.dtype).reshape(gradient.shape)
 
     def _columns_times(self, idx: Tensor, weights: Tensor) -> Tensor:

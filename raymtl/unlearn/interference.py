@@ -48,7 +48,12 @@ from raymtl.unlearn.base import (
     make_optimizer,
     retain_batches,
 )
-from raymtl.unlearn.gradients import JointProjector, per_sample_gradients, top_directions
+from raymtl.unlearn.gradients import (
+    JointProjector,
+    per_sample_gradients,
+    per_sample_task_gradients,
+    top_directions,
+)
 from raymtl.unlearn.request import DeletionRequest
 
 
@@ -79,24 +84,57 @@ def task_subspaces(
     chunk: int = 32,
 ) -> dict[str, dict[str, Tensor]]:
     """Per task k, per shared tensor, an orthonormal basis [p, r_k] of the top directions of
-    task k's per-sample gradients over up to ``samples`` retain instances of task k."""
+    task k's per-sample gradients over up to ``samples`` retain instances (instances that keep
+    every task's label, so one forward pass per instance serves all tasks)."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    bases: dict[str, dict[str, Tensor]] = {}
+    withdrawn = torch.zeros(len(train.ids), dtype=torch.bool)
     for task in tasks:
-        keep = torch.nonzero(~request.withdrawn(train.ids, task.name)).flatten()
-        keep = keep[torch.randperm(len(keep), generator=generator)[:samples]]
-        stacks: dict[str, list[Tensor]] = {n: [] for n in names}
-        for start in range(0, len(keep), chunk):
-            batch = batch_to(train.__getitems__(keep[start : start + chunk].tolist()), device)
-            ones = torch.ones(len(batch["image"]), device=device)
-            grads = per_sample_gradients(
-                model, batch["image"], batch["targets"], {task.name: ones}, [task], names
-            )
-            for n in names:
-                stacks[n].append(grads[n].flatten(1))
-        bases[task.name] = {n: top_directions(torch.cat(stacks[n]), rank, energy) for n in names}
-    return bases
+        withdrawn |= request.withdrawn(train.ids, task.name)
+    keep = torch.nonzero(~withdrawn).flatten()
+    keep = keep[torch.randperm(len(keep), generator=generator)[:samples]]
+    stacks: dict[str, list[Tensor]] = {n: [] for n in names}
+    for start in range(0, len(keep), chunk):
+        batch = batch_to(train.__getitems__(keep[start : start + chunk].tolist()), device)
+        grads = per_sample_task_gradients(model, batch["image"], batch["targets"], tasks, names)
+        for n in names:
+            stacks[n].append(grads[n].flatten(2))  # [B, T, p]
+    stacked = {n: torch.cat(stacks[n]) for n in names}
+    return {
+        task.name: {n: top_directions(stacked[n][:, k], rank, energy) for n in names}
+        for k, task in enumerate(tasks)
+    }
+
+
+def per_task_gradients(
+    terms: dict[str, Tensor],
+    params: dict[str, Tensor],
+    shared: Sequence[str],
+    heads: dict[str, list[str]],
+) -> dict[str, dict[str, Tensor]]:
+    """Per task t, the gradient of its scalar ``terms[t]`` with respect to the ``shared`` tensors
+    and t's own head (non-zero tensors only), in one batched backward pass (the graph is kept)."""
+    if not terms:
+        return {}
+    names = list(shared) + [n for task in terms for n in heads[task]]
+    losses = torch.stack(list(terms.values()))
+    grads = torch.autograd.grad(
+        losses,
+        [params[n] for n in names],
+        grad_outputs=torch.eye(len(losses), dtype=losses.dtype, device=losses.device),
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,  # one vmapped backward instead of one per task
+    )
+    out: dict[str, dict[str, Tensor]] = {}
+    for k, task in enumerate(terms):
+        own = set(shared) | set(heads[task])
+        out[task] = {
+            n: g[k]
+            for n, g in zip(names, grads, strict=True)
+            if n in own and g is not None and bool(g[k].any())
+        }
+    return out
 
 
 @UNLEARN_METHODS.register("interference_aware")
@@ -164,15 +202,7 @@ def interference_aware(
         terms = forget_objective(outputs, batch, data.tasks, data, objective, mean_targets)
         passes += len(batch["image"])
         live = {t: term for t, term in terms.items() if term.requires_grad}
-        forget_grads: dict[str, dict[str, Tensor]] = {}  # per task: projected layers + its head
-        for task_name, term in live.items():
-            names = shared + heads[task_name]
-            grads = torch.autograd.grad(
-                term, [params[n] for n in names], retain_graph=True, allow_unused=True
-            )
-            forget_grads[task_name] = {
-                n: g for n, g in zip(names, grads, strict=True) if g is not None and bool(g.any())
-            }
+        forget_grads = per_task_gradients(live, params, shared, heads)
         trunk: dict[str, Tensor] = {}  # shared layers outside the projection: summed over tasks
         if live and rest:
             grads = torch.autograd.grad(
