@@ -198,7 +198,7 @@ class JointProjector:
         width = (self.columns.shape[1] if use_task else 0) + (
             self.retain.shape[1] if self.retain is not None else 0
         )
-        if width >= len(g) // 2:  # a small tensor: an explicit basis is cheap and more accurate
+        if width >= len(g):  # the bases may span the whole tensor: an explicit basis is exact
             blocks = [self.retain.double()] if self.retain is not None else []
             if use_task:
                 blocks.append(self.columns[:, self.others[task]].double())
