@@ -85,7 +85,8 @@ def task_subspaces(
 ) -> dict[str, dict[str, Tensor]]:
     """Per task k, per shared tensor, an orthonormal basis [p, r_k] of the top directions of
     task k's per-sample gradients over up to ``samples`` retain instances (instances that keep
-    every task's label, so one forward pass per instance serves all tasks)."""
+    every task's label, so one forward pass per instance serves all tasks). Holds
+    samples × tasks × p gradient values per tensor at once."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     withdrawn = torch.zeros(len(train.ids), dtype=torch.bool)
