@@ -158,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.original and not Path(args.original).is_file():
         raise ConfigError(f"--original {args.original}: missing file")
     if not args.no_tuned:
-        setting = "full" if request.full else "partial"
-        options = resolve_method_options(options, bundle.name, setting)
+        options = resolve_method_options(options, bundle.name, request.setting)
 
     run = RunDir.create(args.run_dir, "unlearn")
     run.write_config(

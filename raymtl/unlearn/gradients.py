@@ -15,6 +15,18 @@ from torch.func import functional_call, grad, jacrev, vmap
 from raymtl.tasks import TaskSpec
 
 
+def split_parameters(
+    model: nn.Module, names: Sequence[str]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The named parameters (differentiated) and everything else with the buffers (held fixed),
+    detached, for ``functional_call`` under torch.func."""
+    wanted = set(names)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in wanted}
+    frozen.update(dict(model.named_buffers()))
+    return params, frozen
+
+
 def per_sample_gradients(
     model: nn.Module,
     images: Tensor,
@@ -25,10 +37,7 @@ def per_sample_gradients(
 ) -> dict[str, Tensor]:
     """Gradient of Σ_t w_t[i]·ℓ_t(x_i) for every sample i, w.r.t. the named parameters:
     {name: [B, *shape]}. ``weights`` are per-sample task weights (0 drops a pair)."""
-    wanted = set(names)
-    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in wanted}
-    frozen.update(dict(model.named_buffers()))
+    params, frozen = split_parameters(model, names)
 
     def loss_one(
         trainable: dict[str, Tensor], image: Tensor, target: dict[str, Tensor], w: dict[str, Tensor]
@@ -60,10 +69,7 @@ def per_sample_task_gradients(
     """Every task's loss gradient for every sample, w.r.t. the named parameters:
     {name: [B, T, *shape]} (T in the order of ``tasks``). One forward pass per sample serves all
     tasks (a Jacobian of the task-loss vector), instead of one per (sample, task)."""
-    wanted = set(names)
-    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in wanted}
-    frozen.update(dict(model.named_buffers()))
+    params, frozen = split_parameters(model, names)
 
     def losses_one(
         trainable: dict[str, Tensor], image: Tensor, target: dict[str, Tensor]
@@ -171,6 +177,7 @@ class JointProjector:
                 for n, idx in self.others.items()
             }
         self.retain: Tensor | None = None
+        self._retain_factors: tuple[Tensor, Tensor | None] | None = None
 
     def set_retain(self, gradients: Tensor | None) -> None:
         """This step's per-sample retain gradients [m, p] (None: no instance-level part)."""
@@ -178,7 +185,7 @@ class JointProjector:
             self.retain = None
             return
         self.retain = gradients.float().T  # R [p, m]
-        self._retain_factors: tuple[Tensor, Tensor | None] | None = None  # made on first use
+        self._retain_factors = None  # made on first use, by _factors
 
     def _factors(self) -> tuple[Tensor, Tensor | None]:
         """K with A = R·K orthonormal, and AᵀB (None without task bases), for this retain batch;

@@ -51,6 +51,11 @@ class DeletionRequest:
         ids = self.forget_ids
         return all(np.array_equal(self.pairs.get(t, np.zeros(0)), ids) for t in self.task_names)
 
+    @property
+    def setting(self) -> str:
+        """'full' (full-task unlearning) or 'partial' (partial-task unlearning)."""
+        return "full" if self.full else "partial"
+
     def withdrawn(self, ids: Tensor, task: str) -> Tensor:
         """Bool [N]: which of ``ids`` had their ``task`` label withdrawn."""
         # a copy: arrays that come back from Ray's object store are read-only
@@ -60,7 +65,7 @@ class DeletionRequest:
     def summary(self) -> dict[str, Any]:
         """Counts for configs and logs."""
         return {
-            "setting": "full" if self.full else "partial",
+            "setting": self.setting,
             "instances": len(self.forget_ids),
             "target_tasks": self.target_tasks,
             "pairs": {t: len(v) for t, v in self.pairs.items() if len(v)},
