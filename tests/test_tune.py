@@ -158,3 +158,22 @@ def test_tune_cli_rejects_a_bad_search_space_file(tmp_path):
         in proc.stderr
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_search_efficiency_judges_the_seed_averaged_curves(benchmark_script, capsys):
+    """The benchmark's verdict: TPE's seed-averaged best-so-far curve must reach random search's
+    averaged final best within half the budget; one lucky seed does not decide it."""
+    module = benchmark_script("search_efficiency")
+    assert module.best_so_far([3.0, 1.0, 2.0, 0.5]) == [3.0, 1.0, 1.0, 0.5]
+    assert module.share_to_reach([3, 2, 1, 1], [3, 3, 2, 2]) == 0.5
+    assert module.share_to_reach([3, 3, 3, 3], [3, 3, 2, 2]) is None
+    fast = {("tpe", 0): [3, 1, 1, 1], ("random", 0): [3, 2, 2, 1.5]}
+    fast |= {("tpe", 1): [3, 2, 1, 1], ("random", 1): [3, 3, 2, 1.5]}
+    assert module.mean_curve(fast, "tpe") == [3, 1.5, 1, 1]
+    assert module.summarise(fast, 4) is True
+    # seed 1's TPE stalls: the averaged TPE curve never reaches random's averaged final best
+    slow = fast | {("tpe", 1): [3, 3, 3, 2.5]}
+    assert module.summarise(slow, 4) is False
+    printed = capsys.readouterr().out
+    assert "| mean of 2 seeds | 1.5000 | 1.7500 | not within budget | > 100 % |" in printed
+    assert "NOT met" in printed
