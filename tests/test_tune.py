@@ -177,3 +177,42 @@ def test_search_efficiency_judges_the_seed_averaged_curves(benchmark_script, cap
     printed = capsys.readouterr().out
     assert "| mean of 2 seeds | 1.5000 | 1.7500 | not within budget | > 100 % |" in printed
     assert "NOT met" in printed
+
+
+def test_unlearn_study_repeats_average_runs_with_successive_seeds():
+    """--repeats N: a trial's objective is the mean over N unlearning runs with batch-order seeds
+    seed … seed+N−1 (Ray-free scoring), with their spread; one run's UIS depends on the seed."""
+    import dataclasses
+    import statistics
+
+    from raymtl.data import build_dataset
+    from raymtl.data.base import split_validation
+    from raymtl.search_space import bundled_search_space, load_search_space
+    from raymtl.tune.cli import _apply_defaults
+    from raymtl.tune.study import STUDIES, StudyInputs
+    from raymtl.tune.unlearn import OBJECTIVE, score_options
+
+    tiny = ["--n-train", "120", "--n-test", "48", "--image-size", "16", "--epochs", "2"]
+    args = build_parser().parse_args(
+        ["unlearn", *tiny, "--forget-fraction", "0.1", "--repeats", "2"]
+    )
+    assert args.repeats == 2
+    study = STUDIES.create("unlearn")
+    bundle = build_dataset(args.dataset, None, **_apply_defaults(args, study))
+    train, val = split_validation(bundle.train, args.val_fraction, args.seed)
+    space = load_search_space(bundled_search_space("unlearn"), study.parameters)
+    shared = study.prepare(StudyInputs(bundle, train, val, args, "unused", space))["shared"]
+    assert shared["repeats"] == 2
+    options = {"steps": 6, "lr": 2e-3, "rank": 2, "alpha": 0.5}
+    first = score_options(options, shared, 1)
+    later = dataclasses.replace(shared["data"], seed=shared["data"].seed + 1)
+    second = score_options(options, {**shared, "data": later}, 1)
+    assert first[OBJECTIVE] != second[OBJECTIVE]
+    both = score_options(options, shared, 2)
+    pair = [first[OBJECTIVE], second[OBJECTIVE]]
+    assert both[OBJECTIVE] == pytest.approx(statistics.fmean(pair))
+    assert both["val/uis_sd"] == pytest.approx(statistics.stdev(pair))
+    assert both["test/uis_mean"] == pytest.approx(
+        (first["test/uis_mean"] + second["test/uis_mean"]) / 2
+    )
+    assert first["val/uis_sd"] == 0.0 and both["repeats"] == 2

@@ -10,6 +10,8 @@ measured against the validation split; the clean-test UIS of every trial is repo
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import time
 from typing import Any, ClassVar
 
@@ -72,6 +74,14 @@ class UnlearnStudy(Study):
             default=None,
             help="epochs of the original model and of retraining (default: --epochs, else 40)",
         )
+        group.add_argument(
+            "--repeats",
+            type=positive_int,
+            default=1,
+            help="unlearning runs per trial, each with its own batch-order seed; the trial "
+            "reports their mean (and spread). One run's UIS moves by about 0.01 with the seed "
+            "alone, so use 3 or more when the choice matters (default: 1)",
+        )
 
     def check(self, args: argparse.Namespace) -> None:
         if not 0 < args.forget_fraction < 1:
@@ -116,6 +126,7 @@ class UnlearnStudy(Study):
             "reports": reports,
             "retrain_seconds": retrained.log["seconds"],
             "threads": max(1, int(args.cpus_per_worker)),
+            "repeats": getattr(args, "repeats", 1),
         }
         return {"shared": shared}
 
@@ -125,33 +136,7 @@ class UnlearnStudy(Study):
 
         torch.set_num_threads(shared["threads"])
         options = {k: _cast(k, v) for k, v in config.items()}
-        request, data = shared["request"], shared["data"]
-        start = time.perf_counter()
-        result = run_method(METHOD, shared["original"], request, data, options)
-        seconds = time.perf_counter() - start
-        metrics: dict[str, Any] = {
-            "seconds": seconds,
-            "sample_passes": result.log["sample_passes"],
-            "speedup_vs_retrain": shared["retrain_seconds"] / max(seconds, 1e-9),
-        }
-        for split in ("val", "test"):
-            dataset = shared[split]
-            report = measure(
-                result.model,
-                data.train,
-                dataset,
-                data.tasks,
-                request,
-                data.device,
-                membership=False,
-            )
-            base = shared["reports"][split]
-            scores = uis(base["original"], report, request)
-            metrics[f"{split}/uis_mean"] = mean(scores)
-            metrics[f"{split}/uis_target"] = mean(scores, request.target_tasks)
-            metrics[f"{split}/retrain_distance"] = mean(retrain_distance(report, base["retrain"]))
-        metrics["test/mean_score"] = mean(report.test)
-        tune.report(metrics)
+        tune.report(score_options(options, shared, shared.get("repeats", 1)))
 
     def resolved(self, inputs: StudyInputs) -> dict[str, Any]:
         args = inputs.args
@@ -162,6 +147,7 @@ class UnlearnStudy(Study):
                 "setting": args.setting,
                 "forget_fraction": args.forget_fraction,
                 "original_epochs": args.original_epochs or args.epochs,
+                "repeats": args.repeats,
                 "backbone": args.backbone,
                 "seed": args.seed,
             }
@@ -177,6 +163,8 @@ class UnlearnStudy(Study):
             "config": searched,
             "trial_id": best["trial_id"],
             OBJECTIVE: best[OBJECTIVE],
+            "val/uis_sd": reported.get("val/uis_sd"),
+            "repeats": reported.get("repeats"),
             "test/uis_mean": reported.get("test/uis_mean"),
             "test/retrain_distance": reported.get("test/retrain_distance"),
             "seconds": reported.get("seconds"),
@@ -184,13 +172,53 @@ class UnlearnStudy(Study):
         }
         run.write_json("best.json", summary)
         print()
-        print(f"Best trial {best['trial_id']}: {OBJECTIVE} = {best[OBJECTIVE]:.4f}")
+        spread = ""
+        if (summary["repeats"] or 1) > 1:
+            spread = f" (mean of {summary['repeats']} runs, sd {summary['val/uis_sd']:.4f})"
+        print(f"Best trial {best['trial_id']}: {OBJECTIVE} = {best[OBJECTIVE]:.4f}{spread}")
         print("Best options: " + ", ".join(f"{k}={v}" for k, v in searched.items()))
         print(
             f"Clean-test mean UIS {summary['test/uis_mean']:.4f}, retrain distance "
             f"{summary['test/retrain_distance']:.4f}, {summary['seconds']:.1f} s "
             f"(speed-up over retraining: {summary['speedup_vs_retrain']:.1f}x)"
         )
+
+
+def _score_once(options: dict[str, Any], shared: dict[str, Any], seed: int) -> dict[str, float]:
+    """One unlearning run (batch order from ``seed``) and its UIS on the val and test splits."""
+    request = shared["request"]
+    data = dataclasses.replace(shared["data"], seed=seed)
+    start = time.perf_counter()
+    result = run_method(METHOD, shared["original"], request, data, options)
+    seconds = time.perf_counter() - start
+    metrics = {"seconds": seconds, "sample_passes": float(result.log["sample_passes"])}
+    for split in ("val", "test"):
+        report = measure(
+            result.model, data.train, shared[split], data.tasks, request, data.device,
+            membership=False,
+        )  # fmt: skip
+        base = shared["reports"][split]
+        scores = uis(base["original"], report, request)
+        metrics[f"{split}/uis_mean"] = mean(scores)
+        metrics[f"{split}/uis_target"] = mean(scores, request.target_tasks)
+        metrics[f"{split}/retrain_distance"] = mean(retrain_distance(report, base["retrain"]))
+    metrics["test/mean_score"] = mean(report.test)
+    return metrics
+
+
+def score_options(
+    options: dict[str, Any], shared: dict[str, Any], repeats: int = 1
+) -> dict[str, Any]:
+    """A trial's metrics: ``repeats`` unlearning runs with batch-order seeds seed, seed+1, …,
+    averaged (one run's UIS is noisy); ``val/uis_sd`` is their spread (0 for one run)."""
+    seed = shared["data"].seed
+    runs = [_score_once(options, shared, seed + i) for i in range(repeats)]
+    metrics: dict[str, Any] = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
+    metrics["sample_passes"] = int(sum(r["sample_passes"] for r in runs) / repeats)
+    metrics["speedup_vs_retrain"] = shared["retrain_seconds"] / max(metrics["seconds"], 1e-9)
+    metrics["val/uis_sd"] = statistics.stdev(r[OBJECTIVE] for r in runs) if repeats > 1 else 0.0
+    metrics["repeats"] = repeats
+    return metrics
 
 
 def _cast(name: str, value: Any) -> Any:
