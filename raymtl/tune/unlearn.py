@@ -5,6 +5,8 @@ The original model and the retrain oracle are trained once, before the trials, w
 engine; each trial then runs the unlearning method in its own process (one device: unlearning
 is a few dozen steps, far below what data parallelism pays for). Trials are compared on UIS
 measured against the validation split; the clean-test UIS of every trial is reported beside it.
+With ``--repeats N`` a trial averages N runs with successive batch-order seeds (one run's UIS is
+noisy) and reports their spread; its seconds and sample passes are per run.
 """
 
 from __future__ import annotations
