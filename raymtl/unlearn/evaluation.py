@@ -147,10 +147,10 @@ def calibrated_mia(
 
 def forget_sets(request: DeletionRequest, tasks: list[TaskSpec]) -> dict[str, Tensor]:
     """Per task, the ids of its forget set (see the module docstring)."""
-    everyone = torch.from_numpy(request.forget_ids)
+    everyone = torch.tensor(request.forget_ids)  # a copy: arrays from Ray are read-only
     targets = set(request.target_tasks)
     return {
-        t.name: torch.from_numpy(request.pairs[t.name]) if t.name in targets else everyone
+        t.name: torch.tensor(request.pairs[t.name]) if t.name in targets else everyone
         for t in tasks
     }
 
