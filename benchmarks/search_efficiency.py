@@ -20,12 +20,9 @@ import os
 import re
 from pathlib import Path
 
-from raymtl.data import build_dataset
-from raymtl.data.base import split_validation
 from raymtl.io import atomic_write_bytes, atomic_write_text
-from raymtl.search_space import bundled_search_space, load_search_space
-from raymtl.tune.cli import _apply_defaults, build_parser
-from raymtl.tune.study import STUDIES, StudyInputs
+from raymtl.tune.cli import build_parser, study_inputs
+from raymtl.tune.study import STUDIES
 from raymtl.tune.unlearn import OBJECTIVE
 
 
@@ -79,15 +76,12 @@ def main() -> None:
         ["unlearn", "--image-size", str(options.image_size), "--repeats", str(options.repeats)]
     )
     study = STUDIES.create("unlearn")
-    data_options = _apply_defaults(args, study)
-    space = load_search_space(bundled_search_space("unlearn"), study.parameters)
-    bundle = build_dataset(args.dataset, None, **data_options)
-    train, val = split_validation(bundle.train, args.val_fraction, args.seed)
+    inputs = study_inputs(args, study, str(out / "tune"))
+    space = inputs.space
 
     from raymtl.tune.runner import StudySpec, run_study, start_ray
 
     start_ray(None)
-    inputs = StudyInputs(bundle, train, val, args, str(out / "tune"), space)
     shared = study.prepare(inputs)
     curves: dict[tuple[str, int], list[float]] = {}
     for seed in [int(s) for s in options.seeds.split(",")]:

@@ -185,11 +185,8 @@ def test_unlearn_study_repeats_average_runs_with_successive_seeds():
     import dataclasses
     import statistics
 
-    from raymtl.data import build_dataset
-    from raymtl.data.base import split_validation
-    from raymtl.search_space import bundled_search_space, load_search_space
-    from raymtl.tune.cli import _apply_defaults
-    from raymtl.tune.study import STUDIES, StudyInputs
+    from raymtl.tune.cli import study_inputs
+    from raymtl.tune.study import STUDIES
     from raymtl.tune.unlearn import OBJECTIVE, score_options
 
     tiny = ["--n-train", "120", "--n-test", "48", "--image-size", "16", "--epochs", "2"]
@@ -198,10 +195,7 @@ def test_unlearn_study_repeats_average_runs_with_successive_seeds():
     )
     assert args.repeats == 2
     study = STUDIES.create("unlearn")
-    bundle = build_dataset(args.dataset, None, **_apply_defaults(args, study))
-    train, val = split_validation(bundle.train, args.val_fraction, args.seed)
-    space = load_search_space(bundled_search_space("unlearn"), study.parameters)
-    shared = study.prepare(StudyInputs(bundle, train, val, args, "unused", space))["shared"]
+    shared = study.prepare(study_inputs(args, study, storage="unused"))["shared"]
     assert shared["repeats"] == 2
     options = {"steps": 6, "lr": 2e-3, "rank": 2, "alpha": 0.5}
     first = score_options(options, shared, 1)

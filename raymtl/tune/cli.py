@@ -208,6 +208,16 @@ def _apply_defaults(args: argparse.Namespace, study: Study) -> dict[str, Any]:
     return {**sizes, **data_options(args)}
 
 
+def study_inputs(args: argparse.Namespace, study: Study, storage: str) -> StudyInputs:
+    """What a study's trials share: its search space, the data set with the study's default
+    sizes, and the training/validation split (the CLI's, benchmarks' and tests' one way in)."""
+    space_file = args.search_space or bundled_search_space(study.name)
+    space = load_search_space(space_file, study.parameters, study.registries)
+    bundle = build_dataset(args.dataset, args.data_root, **_apply_defaults(args, study))
+    train, val = split_validation(bundle.train, args.val_fraction, args.seed)
+    return StudyInputs(bundle, train, val, args, storage, space)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate everything, then run the study and report its result."""
     args = build_parser().parse_args(argv)
@@ -216,15 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = study.name
     _check_args(args, study)
     check_names(args.dataset, args.backbone)
+    inputs = study_inputs(args, study, storage="")  # set below, once the run folder exists
+    space, bundle = inputs.space, inputs.bundle
     space_file = args.search_space or bundled_search_space(name)
-    space = load_search_space(space_file, study.parameters, study.registries)
-    options = _apply_defaults(args, study)
-    bundle = build_dataset(args.dataset, args.data_root, **options)
-    train, val = split_validation(bundle.train, args.val_fraction, args.seed)
 
     run = RunDir(args.run_dir) if args.resume else RunDir.create(args.run_dir, name)
     storage = args.storage or str(run.path.resolve() / "tune")
-    inputs = StudyInputs(bundle, train, val, args, storage, space)
+    inputs.storage = storage
     workers = args.workers_per_trial
     if study.runs_train_jobs:
         trial_resources = {"cpu": DRIVER_CPUS}
