@@ -12,9 +12,15 @@ baseline (lowest mean UIS; retrain is the oracle, not a baseline) and ours' spee
 Every method uses its tuned defaults for the data set and setting (raymtl/unlearn/tuned_defaults.yaml,
 written by benchmarks/unlearn_tune.py on another request); --no-tuned uses signature defaults.
 
+One 5 % request is 50 instances on the synthetic set, and UIS moves with which ones they are:
+--requests N runs every method on N seeded requests per setting (seeds --seed … --seed+N−1; the
+tuning request is seed + 1000) and averages the tables, with UIS's spread across requests and
+the number of requests in which ours is below every baseline.
+
 Writes summary.csv/md, per_task.csv/md, options.yaml (every method's options as run) and
-uis_vs_cost.png per setting, and verdict.md, under --out.
-Usage: python benchmarks/unlearn_table.py [--datasets synthetic,synthetic_dense] [--out DIR]
+uis_vs_cost.png per setting (with several requests: the averages, and each request's own tables
+in request-<seed>/), and verdict.md, under --out.
+Usage: python benchmarks/unlearn_table.py [--datasets synthetic,synthetic_dense] [--requests N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from raymtl.cli import positive_int
 from raymtl.data import DatasetBundle, build_dataset
 from raymtl.engine import TrainConfig, evaluate, fit
 from raymtl.io import atomic_write_text
@@ -35,6 +42,8 @@ from raymtl.unlearn.__main__ import method_options
 from raymtl.unlearn.report import (
     SUMMARY_COLUMNS,
     TASK_COLUMNS,
+    Comparison,
+    average_rows,
     best_baseline,
     compare,
     plot_uis_against_cost,
@@ -44,6 +53,8 @@ from raymtl.unlearn.report import (
 from raymtl.unlearn.tuned import resolve_method_options
 
 OURS = "interference_aware"
+# The summary over several requests: UIS's spread across them, and their number.
+AVERAGED_COLUMNS = ("method", "uis_mean", "uis_mean_sd", *SUMMARY_COLUMNS[2:], "runs")
 METHODS = [
     "retrain", "finetune", "gradient_ascent", "neggrad_plus", "l1_sparse", "salun", "scrub", OURS,
 ]  # fmt: skip
@@ -96,14 +107,56 @@ def setting_request(
     return random_request(bundle.train.ids, bundle.tasks, fraction, targets, seed)
 
 
+def write_setting(
+    folder: Path, summary: list[dict], per_task: list[dict], title: str, averaged: bool = False
+) -> str:
+    """summary.csv/md, per_task.csv/md and uis_vs_cost.png in ``folder`` (``averaged``: tables
+    averaged over requests, with their extra columns); returns the summary table."""
+    columns = AVERAGED_COLUMNS if averaged else SUMMARY_COLUMNS
+    task_columns = (*TASK_COLUMNS, "runs") if averaged else TASK_COLUMNS
+    atomic_write_text(folder / "summary.csv", to_csv(summary, columns))
+    atomic_write_text(folder / "per_task.csv", to_csv(per_task, task_columns))
+    plot_uis_against_cost(summary, title, folder / "uis_vs_cost.png")
+    table = to_markdown(summary, columns)
+    atomic_write_text(folder / "summary.md", table + "\n")
+    atomic_write_text(folder / "per_task.md", to_markdown(per_task, task_columns) + "\n")
+    return table
+
+
+def verdict_row(name: str, setting: str, results: list[Comparison], summary: list[dict]) -> str:
+    """Ours against the strongest baseline on the request-averaged ``summary``, with the number
+    of requests in which ours is below every baseline."""
+    exclude = ("retrain", *ABLATIONS)
+    rival = best_baseline(summary, OURS, exclude=exclude)
+    ours = next(r for r in summary if r["method"] == OURS)
+    theirs = next(r for r in summary if r["method"] == rival)
+    change = (ours["uis_mean"] - theirs["uis_mean"]) / theirs["uis_mean"] * 100
+    wins = sum(
+        r.row(OURS)["uis_mean"] < r.row(best_baseline(r.summary, OURS, exclude))["uis_mean"]
+        for r in results
+    )
+    return (
+        f"| {name} | {setting} | {ours['uis_mean']:.4f} | {rival} | {theirs['uis_mean']:.4f} | "
+        f"{abs(change):.1f} % {'lower' if change < 0 else 'higher'} | {wins}/{len(results)} | "
+        f"{ours['speedup_vs_retrain']:.1f}× |"
+    )
+
+
 def main(argv: list[str] | None = None) -> list[str]:
-    """Train each original, run every method in each setting, print and save the tables."""
+    """Train each original, run every method on each request of each setting, print and save
+    the tables (averaged over the requests when there are several) and the verdict."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--datasets", default="synthetic,synthetic_dense")
     parser.add_argument("--settings", default="full,partial")
     parser.add_argument("--fraction", type=float, default=0.05, help="forget set size")
+    parser.add_argument(
+        "--requests",
+        type=positive_int,
+        default=1,
+        help="deletion requests per setting, seeds --seed … --seed+N-1; the tables average them",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies n_train and n_test")
     parser.add_argument("--epochs", type=int, default=0, help="original's epochs (0: per data set)")
     parser.add_argument("--ablations", action="store_true", help="add ours without each part")
@@ -125,8 +178,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     verdicts = [
-        "| data set | setting | ours UIS | strongest baseline | its UIS | ours vs it | ours' speed-up over retrain |",
-        "|---|---|---|---|---|---|---|",
+        "| data set | setting | ours UIS | strongest baseline | its UIS | ours vs it "
+        "| requests where ours is lowest | ours' speed-up over retrain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     methods = {m: {} for m in METHODS}
     if args.ablations:
@@ -136,33 +190,32 @@ def main(argv: list[str] | None = None) -> list[str]:
     for name in args.datasets.split(","):
         bundle, original, data = prepare(name, args.scale, args.epochs, args.seed)
         for setting in args.settings.split(","):
-            request = setting_request(bundle, setting, args.fraction, args.seed)
             resolved = methods if args.no_tuned else resolve_method_options(methods, name, setting)
-            result = compare(
-                original, request, data, bundle.test, resolved,
-                progress=lambda m, tag=f"{name}/{setting}": print(f"  {tag} {m}", flush=True),
-            )  # fmt: skip
             folder = out / f"{name}-{setting}"
-            options = {m: result.logs[m]["options"] for m in resolved}
+            title = f"{name}, {setting}-task unlearning: UIS against cost"
+            results = []
+            for seed in range(args.seed, args.seed + args.requests):
+                request = setting_request(bundle, setting, args.fraction, seed)
+                tag = f"{name}/{setting}" + (f"/request {seed}" if args.requests > 1 else "")
+                result = compare(
+                    original, request, data, bundle.test, resolved,
+                    progress=lambda m, tag=tag: print(f"  {tag} {m}", flush=True),
+                )  # fmt: skip
+                results.append(result)
+                where = folder / f"request-{seed}" if args.requests > 1 else folder
+                table = write_setting(where, result.summary, result.per_task, title)
+                print(f"\n{tag} ({len(request.forget_ids)} instances):\n{table}\n")
+            options = {m: results[0].logs[m]["options"] for m in resolved}
             atomic_write_text(folder / "options.yaml", yaml.safe_dump(options, sort_keys=False))
-            atomic_write_text(folder / "summary.csv", to_csv(result.summary, SUMMARY_COLUMNS))
-            atomic_write_text(folder / "per_task.csv", to_csv(result.per_task, TASK_COLUMNS))
-            plot_uis_against_cost(result, folder / "uis_vs_cost.png")
-            table = to_markdown(result.summary, SUMMARY_COLUMNS)
-            atomic_write_text(folder / "summary.md", table + "\n")
-            atomic_write_text(
-                folder / "per_task.md", to_markdown(result.per_task, TASK_COLUMNS) + "\n"
-            )
-            print(
-                f"\n{name}, {setting}-task unlearning ({len(request.forget_ids)} instances):\n{table}\n"
-            )
-            rival = best_baseline(result, OURS, exclude=("retrain", *ABLATIONS))
-            ours, theirs = result.row(OURS), result.row(rival)
-            change = (ours["uis_mean"] - theirs["uis_mean"]) / theirs["uis_mean"] * 100
-            verdicts.append(
-                f"| {name} | {setting} | {ours['uis_mean']:.4f} | {rival} | {theirs['uis_mean']:.4f} | "
-                f"{abs(change):.1f} % {'lower' if change < 0 else 'higher'} | {ours['speedup_vs_retrain']:.1f}× |"
-            )
+            summary = [r.summary for r in results]
+            if args.requests > 1:
+                summary = average_rows(summary, ("method",), spread=("uis_mean",))
+                per_task = average_rows([r.per_task for r in results], ("method", "task"))
+                table = write_setting(folder, summary, per_task, title, averaged=True)
+                print(f"\n{name}, {setting}: mean over {args.requests} requests\n{table}\n")
+            else:
+                summary = summary[0]
+            verdicts.append(verdict_row(name, setting, results, summary))
     text = "\n".join(verdicts)
     atomic_write_text(out / "verdict.md", text + "\n")
     print(text)

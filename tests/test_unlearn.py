@@ -4,6 +4,7 @@ the methods, the metrics and the command."""
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from raymtl.unlearn.interference import (
     shared_parameter_names,
     task_subspaces,
 )
+from raymtl.unlearn.report import average_rows
 from raymtl.unlearn.request import request_from_pairs
 from raymtl.unlearn.tuned import (
     load_tuned_defaults,
@@ -566,3 +568,40 @@ def test_tuning_picks_each_methods_lowest_uis_point_and_merges_the_file(tmp_path
         "synthetic": {"full": {"finetune": chosen}},
     }
     assert len((tmp_path / "out" / "synthetic-full.txt").read_text().splitlines()) == 9
+
+
+def test_average_rows_means_each_numeric_column_and_spreads_the_chosen_ones():
+    first = [{"method": "a", "uis_mean": 0.1, "seconds": float("nan")},
+             {"method": "b", "uis_mean": 0.4, "seconds": 2.0}]  # fmt: skip
+    second = [{"method": "a", "uis_mean": 0.3, "seconds": 1.0},
+              {"method": "b", "uis_mean": 0.2, "seconds": 4.0}]  # fmt: skip
+    rows = average_rows([first, second], ("method",), spread=("uis_mean",))
+    assert [r["method"] for r in rows] == ["a", "b"]
+    assert rows[0]["uis_mean"] == pytest.approx(0.2)
+    assert rows[0]["uis_mean_sd"] == pytest.approx(0.1414214, rel=1e-5)
+    assert rows[0]["seconds"] == 1.0  # a NaN is skipped, not propagated
+    assert rows[1]["seconds"] == 3.0 and "seconds_sd" not in rows[1]
+    assert rows[1]["runs"] == 2
+
+
+def test_unlearn_table_averages_several_requests(tmp_path, benchmark_script):
+    out = tmp_path / "table"
+    verdicts = benchmark_script("unlearn_table").main(
+        ["--datasets", "synthetic", "--settings", "partial", "--requests", "2",
+         "--scale", "0.06", "--epochs", "1", "--out", str(out)]
+    )  # fmt: skip
+    folder = out / "synthetic-partial"
+
+    def ours(path):
+        rows = list(csv.DictReader(path.open()))
+        return next(r for r in rows if r["method"] == "interference_aware")
+
+    each = [float(ours(folder / f"request-{s}" / "summary.csv")["uis_mean"]) for s in (0, 1)]
+    assert each[0] != each[1]  # two different requests
+    averaged = ours(folder / "summary.csv")
+    assert float(averaged["uis_mean"]) == pytest.approx(sum(each) / 2)
+    assert float(averaged["uis_mean_sd"]) == pytest.approx(abs(each[0] - each[1]) / 2**0.5)
+    assert averaged["runs"] == "2"
+    assert (folder / "uis_vs_cost.png").stat().st_size > 0
+    assert len(verdicts) == 3 and "/2 |" in verdicts[2]
+    assert (out / "verdict.md").read_text().splitlines() == verdicts

@@ -218,7 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"summary": result.summary, "per_task": result.per_task, "logs": result.logs,
          "original_seconds": original_seconds},
     )  # fmt: skip
-    plot_uis_against_cost(result, run.path / "uis_vs_cost.png")
+    plot_uis_against_cost(
+        result.summary,
+        f"{summary['setting']}-task unlearning: UIS against cost",
+        run.path / "uis_vs_cost.png",
+    )
     run.log_metrics(0, scalars(result))
     run.close()
     print(table)

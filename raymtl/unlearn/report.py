@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,23 +156,53 @@ def scalars(result: Comparison) -> dict[str, float]:
     return out
 
 
-def best_baseline(result: Comparison, ours: str, exclude: tuple[str, ...] = ("retrain",)) -> str:
-    """The baseline with the lowest mean UIS (retrain, the oracle, and ``ours`` left out)."""
+def best_baseline(
+    summary: list[dict[str, Any]], ours: str, exclude: tuple[str, ...] = ("retrain",)
+) -> str:
+    """The baseline with the lowest mean UIS in ``summary`` rows (retrain, the oracle, and
+    ``ours`` with its variants left out)."""
     rows = [
-        r for r in result.summary
+        r for r in summary
         if r["method"] not in (*exclude, ours, "original") and not r["method"].startswith(ours)
     ]  # fmt: skip
     return min(rows, key=lambda r: r["uis_mean"])["method"]
 
 
-def plot_uis_against_cost(result: Comparison, path: Any) -> None:
+def average_rows(
+    tables: list[list[dict[str, Any]]], keys: tuple[str, ...], spread: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """Rows of several tables of the same layout (one per deletion request) averaged per ``keys``
+    (e.g. method, or method and task): each numeric column's mean over the tables, NaNs skipped;
+    each column in ``spread`` also gets ``<column>_sd``, its sample standard deviation; ``runs``
+    counts the tables that held the row. Row order follows the first table."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for table in tables:
+        for row in table:
+            groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for rows in groups.values():
+        merged: dict[str, Any] = {}
+        for column, first in rows[0].items():
+            if column in keys or not isinstance(first, int | float) or isinstance(first, bool):
+                merged[column] = first
+                continue
+            values = [float(r[column]) for r in rows if not math.isnan(float(r[column]))]
+            merged[column] = sum(values) / len(values) if values else math.nan
+            if column in spread:
+                merged[f"{column}_sd"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        merged["runs"] = len(rows)
+        out.append(merged)
+    return out
+
+
+def plot_uis_against_cost(summary: list[dict[str, Any]], title: str, path: Any) -> None:
     """A PNG: each method's mean UIS against its wall time (log scale), retrain marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.summary if r["method"] != "original" and r["seconds"] > 0]
+    rows = [r for r in summary if r["method"] != "original" and r["seconds"] > 0]
     figure, axes = plt.subplots(figsize=(6, 4))
     for row in rows:
         marker = "*" if row["method"] == "retrain" else "o"
@@ -180,8 +211,7 @@ def plot_uis_against_cost(result: Comparison, path: Any) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("wall time (s, log scale)")
     axes.set_ylabel("mean UIS (lower is better)")
-    setting = "full" if result.request.full else "partial"
-    axes.set_title(f"{setting}-task unlearning: UIS against cost")
+    axes.set_title(title)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
