@@ -4,10 +4,11 @@ Each method gets the same budget: a 3 × 3 grid over its learning rate and its m
 knob (epochs, steps, α, γ or the saliency fraction), around its signature defaults. Every grid
 point unlearns a *validation* request (a seeded 5 % that is not the table's request; seed + 1000)
 from the same original model as benchmarks/unlearn_table.py, and the point with the lowest mean
-UIS wins. The winners are merged into raymtl/unlearn/tuned_defaults.yaml (or --write FILE),
+UIS wins. One 5 % request is small and its UIS noisy: --requests N scores each point by its mean
+UIS over N validation requests (seeds seed + 1000 … seed + 1000 + N − 1), the same for every method. The winners are merged into raymtl/unlearn/tuned_defaults.yaml (or --write FILE),
 which the table, the CLI and the unlearn study then use. Retrain is the oracle and is not tuned.
 
-Usage: python benchmarks/unlearn_tune.py [--datasets synthetic,synthetic_dense] [--settings full,partial]
+Usage: python benchmarks/unlearn_tune.py [--datasets synthetic,synthetic_dense] [--settings full,partial] [--requests N]
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import unlearn_table  # a sibling script in benchmarks/, not a package
 
+from raymtl.cli import positive_int
 from raymtl.io import atomic_write_text
-from raymtl.unlearn.report import compare
+from raymtl.unlearn.report import average_rows, compare
 from raymtl.unlearn.tuned import TUNED_DEFAULTS_FILE, load_tuned_defaults
 
 GRIDS: dict[str, dict[str, list[Any]]] = {  # method -> option -> values (3 × 3 each)
@@ -70,6 +72,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the data set sizes")
     parser.add_argument("--epochs", type=int, default=0, help="original's epochs (0: per data set)")
     parser.add_argument("--seed", type=int, default=0, help="the table's seed")
+    parser.add_argument(
+        "--requests",
+        type=positive_int,
+        default=1,
+        help="validation requests per setting (seeds seed+1000 …); a point's score is their mean UIS",
+    )
     parser.add_argument("--write", default=str(TUNED_DEFAULTS_FILE))
     parser.add_argument("--out", default="runs/unlearn-tune", help="every grid point's summary")
     args = parser.parse_args(argv)
@@ -81,25 +89,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.datasets.split(","):
         bundle, original, data = unlearn_table.prepare(name, args.scale, args.epochs, args.seed)
         for setting in args.settings.split(","):
-            request = unlearn_table.setting_request(
-                bundle, setting, args.fraction, args.seed + VALIDATION_SEED_OFFSET
-            )
             points = {m: grid_points(GRIDS[m]) for m in methods}
             runs = {f"{m}@{i}": p for m in methods for i, p in enumerate(points[m])}
-            result = compare(
-                original, request, data, bundle.test, runs,
-                progress=lambda m, tag=f"{name}/{setting}": print(f"  {tag} {m}", flush=True),
-            )  # fmt: skip
+            summaries = []
+            for offset in range(args.requests):
+                seed = args.seed + VALIDATION_SEED_OFFSET + offset
+                request = unlearn_table.setting_request(bundle, setting, args.fraction, seed)
+                tag = f"{name}/{setting}/validation request {seed}"
+                result = compare(
+                    original, request, data, bundle.test, runs,
+                    progress=lambda m, tag=tag: print(f"  {tag} {m}", flush=True),
+                )  # fmt: skip
+                summaries.append(result.summary)
+            summary = average_rows(summaries, ("method",), spread=("uis_mean",))
             rows = [
-                f"{r['method']}: {runs[r['method']]} -> UIS {r['uis_mean']:.4f}, "
-                f"test {r['test']:.4f}, {r['seconds']:.1f}s"
-                for r in result.summary
+                f"{r['method']}: {runs[r['method']]} -> UIS {r['uis_mean']:.4f}"
+                + (f" ± {r['uis_mean_sd']:.4f}" if args.requests > 1 else "")
+                + f", test {r['test']:.4f}, {r['seconds']:.1f}s"
+                for r in summary
                 if r["method"] in runs
             ]
             atomic_write_text(Path(args.out) / f"{name}-{setting}.txt", "\n".join(rows) + "\n")
             print("\n".join(rows))
             chosen = tuned.setdefault(name, {}).setdefault(setting, {})
-            for method, (index, score) in best_points(result.summary).items():
+            for method, (index, score) in best_points(summary).items():
                 chosen[method] = points[method][index]
                 print(f"{name}/{setting} {method}: {points[method][index]} (UIS {score:.4f})")
             atomic_write_text(Path(args.write), HEADER + yaml.safe_dump(tuned, sort_keys=True))
@@ -107,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 HEADER = (
-    "# Tuned unlearning defaults per data set and setting (lowest mean UIS on a validation\n"
-    "# request). Written by benchmarks/unlearn_tune.py; see raymtl/unlearn/tuned.py.\n"
+    "# Tuned unlearning defaults per data set and setting (lowest mean UIS on validation\n"
+    "# requests). Written by benchmarks/unlearn_tune.py; see raymtl/unlearn/tuned.py.\n"
 )
 
 

@@ -559,7 +559,8 @@ def test_tuning_picks_each_methods_lowest_uis_point_and_merges_the_file(tmp_path
     path.write_text("celeba:\n  full:\n    scrub: {lr: 0.001}\n")
     tuned = tune.main(
         ["--datasets", "synthetic", "--settings", "full", "--methods", "finetune",
-         "--scale", "0.02", "--epochs", "1", "--write", str(path), "--out", str(tmp_path / "out")]
+         "--scale", "0.02", "--epochs", "1", "--requests", "2", "--write", str(path),
+         "--out", str(tmp_path / "out")]
     )  # fmt: skip
     chosen = tuned["synthetic"]["full"]["finetune"]
     assert chosen in tune.grid_points(tune.GRIDS["finetune"])
@@ -567,7 +568,8 @@ def test_tuning_picks_each_methods_lowest_uis_point_and_merges_the_file(tmp_path
         "celeba": {"full": {"scrub": {"lr": 0.001}}},  # entries of other data sets stay
         "synthetic": {"full": {"finetune": chosen}},
     }
-    assert len((tmp_path / "out" / "synthetic-full.txt").read_text().splitlines()) == 9
+    lines = (tmp_path / "out" / "synthetic-full.txt").read_text().splitlines()
+    assert len(lines) == 9 and all(" ± " in line for line in lines)  # mean over 2 requests
 
 
 def test_average_rows_means_each_numeric_column_and_spreads_the_chosen_ones():
