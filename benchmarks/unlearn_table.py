@@ -107,6 +107,30 @@ def setting_request(
     return random_request(bundle.train.ids, bundle.tasks, fraction, targets, seed)
 
 
+def compare_on_requests(
+    bundle: DatasetBundle,
+    original: torch.nn.Module,
+    data: UnlearnData,
+    setting: str,
+    fraction: float,
+    seeds: range,
+    methods: dict[str, dict],
+    label: str,
+) -> list[Comparison]:
+    """Every method on each seeded request of ``setting`` (one comparison per seed), with
+    progress lines tagged ``label`` and the seed."""
+    results = []
+    for seed in seeds:
+        request = setting_request(bundle, setting, fraction, seed)
+        tag = f"{label}/request {seed}"
+        result = compare(
+            original, request, data, bundle.test, methods,
+            progress=lambda m, tag=tag: print(f"  {tag} {m}", flush=True),
+        )  # fmt: skip
+        results.append(result)
+    return results
+
+
 def write_setting(
     folder: Path, summary: list[dict], per_task: list[dict], title: str, averaged: bool = False
 ) -> str:
@@ -193,28 +217,23 @@ def main(argv: list[str] | None = None) -> list[str]:
             resolved = methods if args.no_tuned else resolve_method_options(methods, name, setting)
             folder = out / f"{name}-{setting}"
             title = f"{name}, {setting}-task unlearning: UIS against cost"
-            results = []
-            for seed in range(args.seed, args.seed + args.requests):
-                request = setting_request(bundle, setting, args.fraction, seed)
-                tag = f"{name}/{setting}" + (f"/request {seed}" if args.requests > 1 else "")
-                result = compare(
-                    original, request, data, bundle.test, resolved,
-                    progress=lambda m, tag=tag: print(f"  {tag} {m}", flush=True),
-                )  # fmt: skip
-                results.append(result)
+            seeds = range(args.seed, args.seed + args.requests)
+            results = compare_on_requests(
+                bundle, original, data, setting, args.fraction, seeds, resolved, f"{name}/{setting}"
+            )
+            for seed, result in zip(seeds, results, strict=True):
                 where = folder / f"request-{seed}" if args.requests > 1 else folder
                 table = write_setting(where, result.summary, result.per_task, title)
-                print(f"\n{tag} ({len(request.forget_ids)} instances):\n{table}\n")
+                size = len(result.request.forget_ids)
+                print(f"\n{name}/{setting}/request {seed} ({size} instances):\n{table}\n")
             options = {m: results[0].logs[m]["options"] for m in resolved}
             atomic_write_text(folder / "options.yaml", yaml.safe_dump(options, sort_keys=False))
-            summary = [r.summary for r in results]
+            summary = results[0].summary
             if args.requests > 1:
-                summary = average_rows(summary, ("method",), spread=("uis_mean",))
+                summary = average_rows([r.summary for r in results], ("method",), ("uis_mean",))
                 per_task = average_rows([r.per_task for r in results], ("method", "task"))
                 table = write_setting(folder, summary, per_task, title, averaged=True)
                 print(f"\n{name}, {setting}: mean over {args.requests} requests\n{table}\n")
-            else:
-                summary = summary[0]
             verdicts.append(verdict_row(name, setting, results, summary))
     text = "\n".join(verdicts)
     atomic_write_text(out / "verdict.md", text + "\n")

@@ -4,8 +4,9 @@ Each method gets the same budget: a 3 × 3 grid over its learning rate and its m
 knob (epochs, steps, α, γ or the saliency fraction), around its signature defaults. Every grid
 point unlearns a *validation* request (a seeded 5 % that is not the table's request; seed + 1000)
 from the same original model as benchmarks/unlearn_table.py, and the point with the lowest mean
-UIS wins. One 5 % request is small and its UIS noisy: --requests N scores each point by its mean
-UIS over N validation requests (seeds seed + 1000 … seed + 1000 + N − 1), the same for every method. The winners are merged into raymtl/unlearn/tuned_defaults.yaml (or --write FILE),
+UIS wins. One 5 % request is small and its UIS noisy: --requests N scores each point by its
+mean UIS over N validation requests (seeds seed + 1000 … seed + 1000 + N − 1), the same for
+every method. The winners are merged into raymtl/unlearn/tuned_defaults.yaml (or --write FILE),
 which the table, the CLI and the unlearn study then use. Retrain is the oracle and is not tuned.
 
 Usage: python benchmarks/unlearn_tune.py [--datasets synthetic,synthetic_dense] [--settings full,partial] [--requests N]
@@ -26,7 +27,7 @@ import unlearn_table  # a sibling script in benchmarks/, not a package
 
 from raymtl.cli import positive_int
 from raymtl.io import atomic_write_text
-from raymtl.unlearn.report import average_rows, compare
+from raymtl.unlearn.report import average_rows
 from raymtl.unlearn.tuned import TUNED_DEFAULTS_FILE, load_tuned_defaults
 
 GRIDS: dict[str, dict[str, list[Any]]] = {  # method -> option -> values (3 × 3 each)
@@ -91,17 +92,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for setting in args.settings.split(","):
             points = {m: grid_points(GRIDS[m]) for m in methods}
             runs = {f"{m}@{i}": p for m in methods for i, p in enumerate(points[m])}
-            summaries = []
-            for offset in range(args.requests):
-                seed = args.seed + VALIDATION_SEED_OFFSET + offset
-                request = unlearn_table.setting_request(bundle, setting, args.fraction, seed)
-                tag = f"{name}/{setting}/validation request {seed}"
-                result = compare(
-                    original, request, data, bundle.test, runs,
-                    progress=lambda m, tag=tag: print(f"  {tag} {m}", flush=True),
-                )  # fmt: skip
-                summaries.append(result.summary)
-            summary = average_rows(summaries, ("method",), spread=("uis_mean",))
+            seeds = range(
+                args.seed + VALIDATION_SEED_OFFSET,
+                args.seed + VALIDATION_SEED_OFFSET + args.requests,
+            )
+            results = unlearn_table.compare_on_requests(
+                bundle, original, data, setting, args.fraction, seeds, runs,
+                f"{name}/{setting}/validation",
+            )  # fmt: skip
+            summary = average_rows([r.summary for r in results], ("method",), ("uis_mean",))
             rows = [
                 f"{r['method']}: {runs[r['method']]} -> UIS {r['uis_mean']:.4f}"
                 + (f" ± {r['uis_mean_sd']:.4f}" if args.requests > 1 else "")
