@@ -37,6 +37,7 @@ from raymtl.unlearn.gradients import (
 from raymtl.unlearn.interference import (
     per_task_gradients,
     shared_parameter_names,
+    task_groups,
     task_subspaces,
 )
 from raymtl.unlearn.report import average_rows
@@ -194,6 +195,29 @@ def test_top_directions_keep_rank_or_energy():
     assert top_directions(rows, energy=0.01).shape[1] == 1
     residual = rows - (rows @ basis) @ basis.T
     assert residual.abs().max() < 1e-3
+
+
+def test_task_bases_built_in_groups_under_a_memory_bound_equal_the_bases_built_at_once(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, [tasks[0].name], seed=0)
+    shared = shared_parameter_names(original)
+    sizes = [dict(original.named_parameters())[n].numel() for n in shared]
+    one_task_mb = 16 * sum(sizes) * 4 / 2**20
+    groups = task_groups(tasks, 16, sizes, memory_mb=one_task_mb * 1.5)
+    assert [len(g) for g in groups] == [1] * len(tasks)  # 1.5 tasks' worth: one at a time
+    assert [len(g) for g in task_groups(tasks, 16, sizes, memory_mb=0)] == [len(tasks)]
+    at_once = task_subspaces(original, bundle.train, request, tasks, shared, 3, None, 16, seed=0)
+    grouped = task_subspaces(
+        original, bundle.train, request, tasks, shared, 3, None, 16, seed=0,
+        memory_mb=one_task_mb * 1.5,
+    )  # fmt: skip
+    assert grouped.keys() == at_once.keys()
+    for task in at_once:
+        for name in shared:
+            a, b = at_once[task][name], grouped[task][name]
+            assert a.shape == b.shape
+            # the same subspace (each direction's sign may differ): equal projectors
+            torch.testing.assert_close(a @ a.T, b @ b.T, rtol=1e-4, atol=1e-5)
 
 
 def test_projected_update_is_orthogonal_to_retain_gradients_and_protected_subspaces(tiny):

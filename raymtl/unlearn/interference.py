@@ -71,6 +71,16 @@ def shared_parameter_names(model: MultiTaskModel, layers: str | None = None) -> 
     return names
 
 
+def task_groups(
+    tasks: Sequence[TaskSpec], samples: int, tensor_sizes: Sequence[int], memory_mb: float
+) -> list[list[TaskSpec]]:
+    """Tasks split into consecutive groups whose per-sample gradients (samples × group × Σp
+    float32 values) fit in ``memory_mb`` (0: one group), at least one task per group."""
+    per_task = samples * sum(tensor_sizes) * 4 / 2**20
+    size = len(tasks) if memory_mb <= 0 else max(1, int(memory_mb // max(per_task, 1e-12)))
+    return [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
+
+
 def task_subspaces(
     model: MultiTaskModel,
     train: MultiTaskArrays,
@@ -82,11 +92,13 @@ def task_subspaces(
     samples: int,
     seed: int,
     chunk: int = 32,
+    memory_mb: float = 0.0,
 ) -> dict[str, dict[str, Tensor]]:
     """Per task k, per shared tensor, an orthonormal basis [p, r_k] of the top directions of
     task k's per-sample gradients over up to ``samples`` retain instances (instances that keep
-    every task's label, so one forward pass per instance serves all tasks). Holds
-    samples × tasks × p gradient values per tensor at once."""
+    every task's label, so one forward pass per instance serves a whole group of tasks). The
+    gradients of one group of tasks are held at once: all tasks, or as many as fit in
+    ``memory_mb`` (many tasks on a large neck), at one more pass over the samples per group."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     withdrawn = torch.zeros(len(train.ids), dtype=torch.bool)
@@ -94,17 +106,20 @@ def task_subspaces(
         withdrawn |= request.withdrawn(train.ids, task.name)
     keep = torch.nonzero(~withdrawn).flatten()
     keep = keep[torch.randperm(len(keep), generator=generator)[:samples]]
-    stacks: dict[str, list[Tensor]] = {n: [] for n in names}
-    for start in range(0, len(keep), chunk):
-        batch = batch_to(train.__getitems__(keep[start : start + chunk].tolist()), device)
-        grads = per_sample_task_gradients(model, batch["image"], batch["targets"], tasks, names)
-        for n in names:
-            stacks[n].append(grads[n].flatten(2))  # [B, T, p]
-    stacked = {n: torch.cat(stacks[n]) for n in names}
-    return {
-        task.name: {n: top_directions(stacked[n][:, k], rank, energy) for n in names}
-        for k, task in enumerate(tasks)
-    }
+    params = dict(model.named_parameters())
+    sizes = [params[n].numel() for n in names]
+    bases: dict[str, dict[str, Tensor]] = {}
+    for group in task_groups(tasks, len(keep), sizes, memory_mb):
+        stacks: dict[str, list[Tensor]] = {n: [] for n in names}
+        for start in range(0, len(keep), chunk):
+            batch = batch_to(train.__getitems__(keep[start : start + chunk].tolist()), device)
+            grads = per_sample_task_gradients(model, batch["image"], batch["targets"], group, names)
+            for n in names:
+                stacks[n].append(grads[n].flatten(2))  # [B, group, p]
+        stacked = {n: torch.cat(stacks[n]) for n in names}
+        for k, task in enumerate(group):
+            bases[task.name] = {n: top_directions(stacked[n][:, k], rank, energy) for n in names}
+    return bases
 
 
 def per_task_gradients(
@@ -158,13 +173,16 @@ def interference_aware(
     layers: str = "neck,dense_neck",
     anchor_forget_instances: bool = True,
     optimizer: str = "adam",
+    basis_memory_mb: float = 2048.0,
 ) -> UnlearnResult:
     """Projected, orthogonalised forgetting; see the module docstring. ``energy`` > 0 replaces
     the fixed ``rank`` by an energy threshold. ``layers`` names the shared layers that get the
     task-aware projection (default: the necks, where tasks separate; "" = every shared layer):
     each target task needs its own gradient there, while the other shared layers get one summed
     forget gradient, orthogonalised against the retain gradients only. This keeps one step at
-    about one backward pass through the backbone, whatever the number of tasks."""
+    about one backward pass through the backbone, whatever the number of tasks.
+    ``basis_memory_mb`` bounds the per-sample gradients held while the task bases are built
+    (tasks are then done in groups, one more pass over the basis samples per group)."""
     check_common(
         steps=steps, lr=lr, alpha=alpha, forget_batch=forget_batch, retain_batch=retain_batch
     )
@@ -187,7 +205,7 @@ def interference_aware(
     if task_projection:
         bases = task_subspaces(
             model, data.train, request, data.tasks, shared, rank, energy or None,
-            basis_samples, data.seed,
+            basis_samples, data.seed, memory_mb=basis_memory_mb,
         )  # fmt: skip
         passes += basis_samples * len(data.tasks)
     projectors = {
