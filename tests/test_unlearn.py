@@ -631,3 +631,14 @@ def test_unlearn_table_averages_several_requests(tmp_path, benchmark_script):
     assert (folder / "uis_vs_cost.png").stat().st_size > 0
     assert len(verdicts) == 3 and "/2 |" in verdicts[2]
     assert (out / "verdict.md").read_text().splitlines() == verdicts
+    cells = [c.strip() for c in verdicts[2].strip("|").split("|")]
+    rival = cells[3]
+
+    def uis(seed, method):
+        rows = csv.DictReader((folder / f"request-{seed}" / "summary.csv").open())
+        return float(next(r for r in rows if r["method"] == method)["uis_mean"])
+
+    gaps = [uis(s, rival) - uis(s, "interference_aware") for s in (0, 1)]
+    error = abs(gaps[0] - gaps[1]) / 2**0.5 / 2**0.5  # sd of two values over sqrt(2)
+    below = sum(g > 0 for g in gaps)
+    assert cells[7] == f"{sum(gaps) / 2:+.4f} ± {error:.4f} ({below}/2)"
