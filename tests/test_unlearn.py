@@ -200,15 +200,15 @@ def test_top_directions_keep_rank_or_energy():
 def test_task_bases_built_in_groups_under_a_memory_bound_equal_the_bases_built_at_once(tiny):
     bundle, tasks, original = tiny[0], tiny[1], tiny[4]
     request = random_request(bundle.train.ids, tasks, 0.1, [tasks[0].name], seed=0)
-    shared = shared_parameter_names(original)
+    shared = shared_parameter_names(original, "neck")  # the default projected layers: quick
     sizes = [dict(original.named_parameters())[n].numel() for n in shared]
-    one_task_mb = 16 * sum(sizes) * 4 / 2**20
-    groups = task_groups(tasks, 16, sizes, memory_mb=one_task_mb * 1.5)
+    one_task_mb = 8 * sum(sizes) * 4 / 2**20
+    groups = task_groups(tasks, 8, sizes, memory_mb=one_task_mb * 1.5)
     assert [len(g) for g in groups] == [1] * len(tasks)  # 1.5 tasks' worth: one at a time
-    assert [len(g) for g in task_groups(tasks, 16, sizes, memory_mb=0)] == [len(tasks)]
-    at_once = task_subspaces(original, bundle.train, request, tasks, shared, 3, None, 16, seed=0)
+    assert [len(g) for g in task_groups(tasks, 8, sizes, memory_mb=0)] == [len(tasks)]
+    at_once = task_subspaces(original, bundle.train, request, tasks, shared, 3, None, 8, seed=0)
     grouped = task_subspaces(
-        original, bundle.train, request, tasks, shared, 3, None, 16, seed=0,
+        original, bundle.train, request, tasks, shared, 3, None, 8, seed=0,
         memory_mb=one_task_mb * 1.5,
     )  # fmt: skip
     assert grouped.keys() == at_once.keys()
@@ -288,6 +288,8 @@ def test_method_names_and_options_are_checked(tiny):
     assert [scalar(v) for v in ("7e-4", "3", "false", "neck")] == [7e-4, 3, False, "neck"]
     with pytest.raises(ConfigError, match="alpha"):
         run_method("neggrad_plus", original, request, _data(tiny), {"alpha": 2.0})
+    with pytest.raises(ConfigError, match="basis_memory_mb >= 0"):
+        run_method("interference_aware", original, request, _data(tiny), {"basis_memory_mb": -1.0})
     assert {"retrain", "finetune", "gradient_ascent", "neggrad_plus", "interference_aware"} <= set(
         UNLEARN_METHODS.names()
     )

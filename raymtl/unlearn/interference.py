@@ -190,8 +190,11 @@ def interference_aware(
         raise ConfigError(
             f"objective must be one of {', '.join(FORGET_OBJECTIVES)}, got {objective!r}"
         )
-    if rank < 1 or not 0 <= energy < 1 or basis_samples < 1:
-        raise ConfigError("need rank >= 1, 0 <= energy < 1 and basis_samples >= 1")
+    if rank < 1 or not 0 <= energy < 1 or basis_samples < 1 or basis_memory_mb < 0:
+        raise ConfigError(
+            "need rank >= 1, 0 <= energy < 1, basis_samples >= 1 and basis_memory_mb >= 0 "
+            "(0: no bound)"
+        )
     device = data.device
     model = clone_for_unlearning(original, device)
     params = dict(model.named_parameters())
