@@ -38,7 +38,7 @@ from raymtl.data import DatasetBundle, build_dataset
 from raymtl.engine import TrainConfig, evaluate, fit
 from raymtl.io import atomic_write_text
 from raymtl.models import create_model
-from raymtl.unlearn import DeletionRequest, UnlearnData, random_request
+from raymtl.unlearn import UNLEARN_METHODS, DeletionRequest, UnlearnData, random_request
 from raymtl.unlearn.__main__ import method_options
 from raymtl.unlearn.report import (
     SUMMARY_COLUMNS,
@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies n_train and n_test")
     parser.add_argument("--epochs", type=int, default=0, help="original's epochs (0: per data set)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="the methods to compare (retrain, the oracle, and ours are always run)",
+    )
     parser.add_argument("--ablations", action="store_true", help="add ours without each part")
     parser.add_argument(
         "--method-option",
@@ -214,7 +219,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         "| ours' speed-up over retrain |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    methods = {m: {} for m in METHODS}
+    chosen = [m for m in args.methods.split(",") if m]
+    unknown = sorted({m for m in chosen if m.split("@")[0] not in UNLEARN_METHODS.names()})
+    if unknown:
+        parser.error(f"--methods: unknown method(s) {', '.join(unknown)}")
+    methods = {m: {} for m in dict.fromkeys(["retrain", *chosen, OURS])}
     if args.ablations:
         methods.update(ABLATIONS)
     for name, options in method_options(list(methods), args.method_option).items():

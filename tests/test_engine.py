@@ -150,9 +150,9 @@ def test_train_cli_writes_config_metrics_and_tensorboard(tmp_path):
         (["--mode", "both"], "argument --mode: invalid choice: 'both'"),
     ],
 )
-def test_train_cli_bad_input_is_one_line_and_status_2(tmp_path, args, expected):
+def test_train_cli_bad_input_is_one_line_and_status_2(tmp_path, run_command, args, expected):
     run_dir = tmp_path / "run"
-    proc = _run_train(*args, "--run-dir", str(run_dir), cwd=tmp_path)
+    proc = run_command("raymtl.train", *args, "--run-dir", run_dir, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

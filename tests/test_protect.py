@@ -273,14 +273,11 @@ def test_tap_target_labels():
         ),
     ],
 )
-def test_protect_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, args, message):
+def test_protect_cli_bad_input_is_one_line_status_2_and_writes_nothing(
+    tmp_path, run_command, args, message
+):
     out = tmp_path / "store"
-    proc = subprocess.run(
-        [sys.executable, "-m", "raymtl.protect", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_command("raymtl.protect", "--out", out, *args)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr
     assert not out.exists()

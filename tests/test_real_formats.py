@@ -312,7 +312,7 @@ def _run_data_cli(*args, cwd):
     )
 
 
-def test_data_cli_bad_input_is_one_line_status_2(tmp_path):
+def test_data_cli_bad_input_is_one_line_status_2(tmp_path, run_command):
     proc = _run_data_cli(
         "convert",
         "--dataset",
@@ -326,7 +326,8 @@ def test_data_cli_bad_input_is_one_line_status_2(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "missing folder (the celeba data root)" in proc.stderr
     assert not (tmp_path / "out").exists()
-    proc = _run_data_cli(
+    proc = run_command(
+        "raymtl.data",
         "convert",
         "--dataset",
         "synthetic",

@@ -135,9 +135,11 @@ def _run_tune(*args, cwd):
         (["mtlue-typo"], "argument study: invalid choice: 'mtlue-typo'"),
     ],
 )
-def test_tune_cli_bad_input_is_one_line_status_2_and_writes_nothing(tmp_path, args, expected):
+def test_tune_cli_bad_input_is_one_line_status_2_and_writes_nothing(
+    tmp_path, run_command, args, expected
+):
     run_dir = tmp_path / "run"
-    proc = _run_tune(*args, "--run-dir", str(run_dir), cwd=tmp_path)
+    proc = run_command("raymtl.tune", *args, "--run-dir", run_dir, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

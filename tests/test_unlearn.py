@@ -414,7 +414,7 @@ def test_unlearn_command_writes_the_comparison(tmp_path):
     }  # fmt: skip
 
 
-def test_unlearn_command_rejects_bad_input_in_one_line(tmp_path):
+def test_unlearn_command_rejects_bad_input_in_one_line(tmp_path, run_command):
     bad = tmp_path / "request.csv"
     bad.write_text("id,task\n99999,large\n")
     cases = [
@@ -425,7 +425,10 @@ def test_unlearn_command_rejects_bad_input_in_one_line(tmp_path):
     ]
     for extra, message in cases:
         run = tmp_path / f"run{len(message)}"
-        proc = _run("--n-train", 32, "--n-test", 8, "--image-size", 16, "--run-dir", run, *extra)
+        proc = run_command(
+            "raymtl.unlearn", "--n-train", 32, "--n-test", 8, "--image-size", 16, "--run-dir", run,
+            *extra,
+        )  # fmt: skip
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not run.exists()
@@ -616,9 +619,13 @@ def test_unlearn_table_averages_several_requests(tmp_path, benchmark_script):
     out = tmp_path / "table"
     verdicts = benchmark_script("unlearn_table").main(
         ["--datasets", "synthetic", "--settings", "partial", "--requests", "2",
-         "--scale", "0.06", "--epochs", "1", "--out", str(out)]
+         "--methods", "gradient_ascent,finetune", "--scale", "0.06", "--epochs", "1",
+         "--out", str(out)]
     )  # fmt: skip
     folder = out / "synthetic-partial"
+    with pytest.raises(SystemExit):  # an unknown method name is refused before any work
+        benchmark_script("unlearn_table").main(["--methods", "magic", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
     def ours(path):
         rows = list(csv.DictReader(path.open()))
