@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ TINY = [
     "1",
 ]
 TRIALS = 4
+LEFT_BEHIND: list[str] = []  # placement groups still held once the tiny study returned
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,9 @@ def tiny_study(ray_cluster, tmp_path_factory):
     args = ["victim", *TINY, "--num-samples", str(TRIALS), "--search-space", str(space)]
     status = main([*args, "--run-dir", str(run_dir)])
     assert status == 0
+    time.sleep(0.5)  # as the conftest guard does: a Train run's own shutdown comes just after
+    groups = ray_cluster.util.placement_group_table().items()
+    LEFT_BEHIND.extend(k for k, g in groups if g["state"] == "CREATED")
     return run_dir
 
 
@@ -87,6 +92,37 @@ def test_trials_that_asha_stops_early_do_not_block_later_trials(tiny_study):
     assert "stopped early" in statuses
     assert set(statuses) <= {"completed", "stopped early"}
     assert len(statuses) == TRIALS
+    # ...and hold no CPUs afterwards: with worker retries inside stopped trials, Train started a
+    # new worker group as Tune killed the trial and leaked its placement group (seen here)
+    assert LEFT_BEHIND == []
+
+
+def test_asha_stops_at_rungs_but_lets_a_trial_finish_its_last_epoch():
+    """Stopping a trial at its final report races its Train run's shutdown (a placement group
+    can leak): the scheduler leaves the natural end to the trial, and still cuts at rungs."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from raymtl.tune.runner import FinishingASHA
+
+    scheduler = FinishingASHA(
+        metric="score", mode="max", max_t=4, grace_period=1, reduction_factor=2
+    )
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+
+    def decide(trial, epoch, score):
+        result = {"training_iteration": epoch, "score": score}
+        return scheduler.on_trial_result(None, trial, result)
+
+    assert decide(good, 1, 0.9) == TrialScheduler.CONTINUE
+    assert decide(bad, 1, 0.1) == TrialScheduler.STOP  # below the rung's cutoff: ASHA's call
+    for epoch in (2, 3):
+        assert decide(good, epoch, 0.9) == TrialScheduler.CONTINUE
+    assert decide(good, 4, 0.9) == TrialScheduler.CONTINUE  # plain ASHA says STOP here
+    assert scheduler._num_stopped == 1
 
 
 def test_best_trial_prefers_completed_trials_and_inverts_flat_metrics():

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune import CLIReporter
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from raymtl.errors import ConfigError
@@ -46,6 +46,28 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
         # of trials ASHA stops early; without it nested Train runs can wait forever.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True
+
+
+class FinishingASHA(ASHAScheduler):
+    """ASHA that lets a trial end its last epoch by itself instead of stopping it there.
+
+    Plain ASHA stops every trial that reaches ``max_t``. Stopping a trial kills its actor while
+    the nested Train run is still shutting down; Train can take the dying worker for a failure,
+    start a new worker group and lose that group's placement group with the trial, and the
+    leaked CPUs starve later trials and Ray Data (a test suite hung on it). Rung decisions
+    before the last epoch are ASHA's own."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(stop_last_trials=False, **kwargs)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        """ASHA's decision, except CONTINUE at (or past) ``max_t``: the trial ends on its own."""
+        action = super().on_trial_result(tune_controller, trial, result)
+        if result.get(self._time_attr, 0) >= self._max_t:
+            if action == TrialScheduler.STOP:
+                self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
 
 @dataclass
@@ -106,7 +128,7 @@ def run_study(trainable: Callable[..., None], spec: StudySpec, **shared: Any) ->
         sampler=make_sampler(spec.algorithm, spec.seed, multi),
     )
     if spec.scheduler == "asha" and spec.asha_metric is not None:
-        scheduler: Any = ASHAScheduler(
+        scheduler: Any = FinishingASHA(
             time_attr="training_iteration",
             metric=spec.asha_metric,
             mode=spec.modes[list(spec.metrics).index(spec.asha_metric)],

@@ -78,6 +78,16 @@ class Study(ABC):
     ) -> None:
         """Write and print the study's result (best trial, Pareto front...)."""
 
+    @staticmethod
+    def train_failures(args: argparse.Namespace) -> int:
+        """Worker failures a trial's Train run retries by itself; 0 when a scheduler may stop
+        trials: Tune kills a stopped trial while its Train run shuts down, Train can take the
+        dying worker for a failure and start a new worker group whose placement group then
+        outlives the trial (Ray 2.60), holding CPUs later trials wait for forever. A worker
+        failure there fails the trial, and Tune's trial retry resumes the same-named Train run
+        from its last checkpoint instead."""
+        return 0 if args.scheduler == "asha" else 2
+
     @property
     def multi_objective(self) -> bool:
         """Several objectives: Optuna's multi-objective sampling, a Pareto front."""

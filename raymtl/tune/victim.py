@@ -88,6 +88,7 @@ class VictimStudy(Study):
             "device": device_name(args),
             "seed": args.seed,
             "workers": worker_spec(args),
+            "train_failures": self.train_failures(args),
             "train_storage": f"{inputs.storage.rstrip('/')}/train",
         }
         return {"data": data, "settings": settings}
@@ -114,6 +115,7 @@ class VictimStudy(Study):
             settings["workers"],
             f"victim-{trial_id}",
             settings["train_storage"],
+            max_failures=settings.get("train_failures", 2),
             callbacks=[TuneReportCallback()],
         )
         if result.error:
