@@ -41,9 +41,11 @@ CELLS: dict[str, tuple[str, str, dict] | None] = {
 DEFAULT_CELLS = ["clean", "EM", "TAP", "SEP", "MTL-UE+EM", "MTL-UE+TAP", "MTL-UE+SEP"]
 
 
-def mean_balanced_accuracy(per_task: dict[str, dict[str, float]]) -> float:
-    """Mean over tasks of balanced accuracy."""
-    return sum(m["balanced_accuracy"] for m in per_task.values()) / len(per_task)
+def mean_balanced_accuracy(
+    per_task: dict[str, dict[str, float]], metric: str = "balanced_accuracy"
+) -> float:
+    """Mean over tasks of balanced accuracy (or another per-task metric)."""
+    return sum(m[metric] for m in per_task.values()) / len(per_task)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,10 +185,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         protect_seconds = time.perf_counter() - start
         outcome = train_victim(setup, train)
         score = mean_balanced_accuracy(outcome.test["tasks"])
+        relabelled = mean_balanced_accuracy(outcome.test["tasks"], "relabelled_balanced_accuracy")
         rows.append(
             {
                 "data": name,
                 "mean_balanced_accuracy": round(score, 4),
+                "mean_relabelled_balanced_accuracy": round(relabelled, 4),
                 "mean_accuracy": round(
                     sum(m["accuracy"] for m in outcome.test["tasks"].values()) / len(bundle.tasks),
                     4,
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             }
         )
         print(
-            f"{name:<12} victim mean balanced accuracy {score:.4f}  (protect {protect_seconds:.0f}s, victim {outcome.seconds:.0f}s)",
+            f"{name:<12} victim mean balanced accuracy {score:.4f}, relabelled {relabelled:.4f}  (protect {protect_seconds:.0f}s, victim {outcome.seconds:.0f}s)",
             flush=True,
         )
     out = Path(args.out)
@@ -216,8 +220,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         + " | ".join(f"{r['mean_balanced_accuracy']:.4f}" for r in rows)
         + " |"
     )
-    atomic_write_text(out / "table.md", "\n".join([header, line, values]) + "\n")
-    print("\n".join([header, line, values]))
+    relabelled_values = (
+        "| the same after relabelling each task's predictions | "
+        + " | ".join(f"{r['mean_relabelled_balanced_accuracy']:.4f}" for r in rows)
+        + " |"
+    )
+    lines = [header, line, values, relabelled_values]
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
     return rows
 
 

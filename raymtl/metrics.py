@@ -26,6 +26,7 @@ def binary_metrics(scores: Tensor, targets: Tensor) -> dict[str, float]:
     return {
         "accuracy": accuracy,
         "balanced_accuracy": balanced,
+        "relabelled_balanced_accuracy": max(balanced, 1 - balanced),
         "roc_auc": roc_auc(scores, targets),
     }
 
@@ -70,7 +71,8 @@ def confusion_matrix(predicted: Tensor, targets: Tensor, num_classes: int) -> Te
 
 
 def multiclass_metrics_from_confusion(confusion: Tensor) -> dict[str, float]:
-    """Accuracy and balanced accuracy (mean recall over classes that occur)."""
+    """Accuracy, balanced accuracy (mean recall over classes that occur) and the relabelled
+    balanced accuracy (``relabelled_balanced_accuracy``)."""
     confusion = confusion.double()
     total = confusion.sum().item()
     accuracy = confusion.diag().sum().item() / total if total else math.nan
@@ -78,7 +80,29 @@ def multiclass_metrics_from_confusion(confusion: Tensor) -> dict[str, float]:
     present = support > 0
     recalls = confusion.diag()[present] / support[present]
     balanced = recalls.mean().item() if present.any() else math.nan
-    return {"accuracy": accuracy, "balanced_accuracy": balanced}
+    return {
+        "accuracy": accuracy,
+        "balanced_accuracy": balanced,
+        "relabelled_balanced_accuracy": relabelled_balanced_accuracy(confusion),
+    }
+
+
+def relabelled_balanced_accuracy(confusion: Tensor) -> float:
+    """Balanced accuracy after the best one-to-one relabelling of the predicted classes (binary:
+    max(b, 1 − b)). A victim that learned a task's labels permuted (TAP's flipped targets) scores
+    below chance on balanced accuracy, yet an attacker who checks it on a few labelled clean
+    images undoes the permutation: this is what such an attacker gets back. Near chance only
+    when the victim really learned nothing."""
+    from scipy.optimize import linear_sum_assignment
+
+    confusion = confusion.double()
+    support = confusion.sum(1)
+    present = support > 0
+    if not present.any():
+        return math.nan
+    rates = (confusion[present] / support[present, None]).numpy()  # P(predicted | true class)
+    rows, columns = linear_sum_assignment(rates, maximize=True)
+    return float(rates[rows, columns].sum() / len(rows))
 
 
 def segmentation_metrics_from_confusion(confusion: Tensor) -> dict[str, float]:

@@ -39,6 +39,25 @@ def test_multiclass_accuracy_and_balanced_accuracy_by_hand():
     assert out["balanced_accuracy"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
 
 
+def test_relabelling_recovers_a_permuted_victim_but_not_a_guessing_one():
+    """A victim that learned the labels flipped/permuted scores 0 balanced accuracy and 1 after
+    relabelling; one that predicts a single class stays at chance either way."""
+    flipped = M.binary_metrics(torch.tensor([1.0, 2.0, -1.0, -2.0]), torch.tensor([0, 0, 1, 1]))
+    assert flipped["balanced_accuracy"] == 0.0
+    assert flipped["relabelled_balanced_accuracy"] == 1.0
+    partly = M.binary_metrics(torch.tensor([1.0, -1.0, -1.0, -2.0]), torch.tensor([0, 0, 1, 1]))
+    assert partly["relabelled_balanced_accuracy"] == pytest.approx(0.75)  # 1 − (1/2 + 0) / 2
+    targets = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    rotated = M.confusion_matrix((targets + 1) % 3, targets, 3)
+    out = M.multiclass_metrics_from_confusion(rotated)
+    assert out["balanced_accuracy"] == 0.0 and out["relabelled_balanced_accuracy"] == 1.0
+    constant = M.confusion_matrix(torch.zeros(7, dtype=torch.long), targets, 3)
+    assert M.relabelled_balanced_accuracy(constant) == pytest.approx(1 / 3)
+    confusion = torch.tensor([[3, 1, 0], [0, 1, 3], [2, 2, 0]])
+    # identity: (3/4 + 1/4 + 0) / 3; best: 0→col 0, 1→col 2, 2→col 1: (3/4 + 3/4 + 1/2) / 3
+    assert M.relabelled_balanced_accuracy(confusion) == pytest.approx((0.75 + 0.75 + 0.5) / 3)
+
+
 def test_segmentation_miou_and_pixel_accuracy_by_hand_with_ignored_pixels():
     target = torch.tensor([[0, 0], [1, 1], [IGNORE_INDEX, IGNORE_INDEX]])
     predicted = torch.tensor([[0, 1], [1, 1], [0, 0]])

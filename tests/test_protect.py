@@ -323,6 +323,9 @@ def test_the_table_command_runs_at_a_tiny_size(tmp_path, benchmark_script):
     ]
     assert (tmp_path / "table.csv").read_text().count("\n") == 8
     assert "MTL-UE+SEP" in (tmp_path / "table.md").read_text()
+    for row in rows:  # relabelling can only help an attacker, and never below chance per task
+        assert row["mean_relabelled_balanced_accuracy"] >= row["mean_balanced_accuracy"]
+    assert "after relabelling" in (tmp_path / "table.md").read_text()
 
 
 def test_partial_protection_command_runs_at_a_tiny_size_and_judges_both_groups(
