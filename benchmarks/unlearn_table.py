@@ -155,7 +155,10 @@ def verdict_row(name: str, setting: str, results: list[Comparison], summary: lis
     many requests ours is below it), so that a margin can be told from noise."""
     exclude = ("retrain", *ABLATIONS)
     rival = best_baseline(summary, OURS, exclude=exclude)
-    ours = next(r for r in summary if r["method"] == OURS)
+    ours = next((r for r in summary if r["method"] == OURS), None)
+    if ours is None or rival is None:  # --methods left ours or every baseline out
+        missing = f"{OURS} not run" if ours is None else "no baseline run"
+        return f"| {name} | {setting} | {missing} |" + " |" * 6
     theirs = next(r for r in summary if r["method"] == rival)
     change = (ours["uis_mean"] - theirs["uis_mean"]) / theirs["uis_mean"] * 100
     wins = sum(

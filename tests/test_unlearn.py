@@ -615,6 +615,15 @@ def test_average_rows_means_each_numeric_column_and_spreads_the_chosen_ones():
     assert rows[1]["runs"] == 2
 
 
+def test_unlearn_table_without_a_baseline_says_so(tmp_path, benchmark_script):
+    """--methods retrain (ours is always added): the verdict names the missing rival."""
+    verdicts = benchmark_script("unlearn_table").main(
+        ["--datasets", "synthetic", "--settings", "full", "--methods", "retrain",
+         "--scale", "0.04", "--epochs", "1", "--out", str(tmp_path / "t")]
+    )  # fmt: skip
+    assert "no baseline run" in verdicts[2]
+
+
 def test_unlearn_table_averages_several_requests(tmp_path, benchmark_script):
     out = tmp_path / "table"
     verdicts = benchmark_script("unlearn_table").main(

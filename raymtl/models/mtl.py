@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -96,5 +97,8 @@ def create_model(
     image_size: int = 32,
     **kwargs: Any,
 ) -> MultiTaskModel:
-    """Build a multi-task model on a registered backbone (random init)."""
-    return MultiTaskModel(create_backbone(backbone, in_channels, image_size, **kwargs), tasks)
+    """Build a multi-task model on a registered backbone (random init), its convolution weights
+    in channels-last layout: oneDNN and cuDNN convolve NHWC faster (training steps here: small
+    CNN 1.6x, ResNet-18 1.4x on 2 CPU cores; benchmarks/memory_format.py)."""
+    model = MultiTaskModel(create_backbone(backbone, in_channels, image_size, **kwargs), tasks)
+    return model.to(memory_format=torch.channels_last)

