@@ -328,6 +328,26 @@ def test_the_table_command_runs_at_a_tiny_size(tmp_path, benchmark_script):
     assert "after relabelling" in (tmp_path / "table.md").read_text()
 
 
+def test_the_table_repeats_cells_over_seeds_and_reports_mean_and_sd(tmp_path, benchmark_script):
+    tiny = ["--n-train", "256", "--n-test", "64", "--image-size", "16", "--victim-epochs", "2"]
+    rows = benchmark_script("mtlue_table").main(
+        [*tiny, "--cells", "clean,LSP", "--seeds", "0,1", "--out", str(tmp_path)]
+    )
+    lines = (tmp_path / "table.csv").read_text().splitlines()
+    assert lines[0].startswith("data,seed,") and len(lines) == 1 + 2 * 2  # cell x seed
+    per_seed = [float(line.split(",")[2]) for line in lines[1:] if line.startswith("clean,")]
+    assert per_seed[0] != per_seed[1]  # another victim seed, another victim
+    clean = rows[0]
+    assert clean["seeds"] == 2
+    assert clean["mean_balanced_accuracy"] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+    assert clean["mean_balanced_accuracy_sd"] == pytest.approx(
+        abs(per_seed[0] - per_seed[1]) / 2**0.5, abs=1e-4
+    )
+    assert "mean ± sd over 2 seeds" in (tmp_path / "table.md").read_text()
+    with pytest.raises(SystemExit):
+        benchmark_script("mtlue_table").main(["--seeds", "0,x", "--out", str(tmp_path / "bad")])
+
+
 def test_partial_protection_command_runs_at_a_tiny_size_and_judges_both_groups(
     tmp_path, benchmark_script
 ):
