@@ -246,6 +246,40 @@ def test_projected_update_is_orthogonal_to_retain_gradients_and_protected_subspa
         assert projected.norm() > 0 or own.numel() == 0
 
 
+def test_projecting_all_target_tasks_at_once_equals_projecting_each(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    shared = shared_parameter_names(original, "neck")
+    bases = task_subspaces(original, bundle.train, request, tasks, shared, 2, None, 16, seed=0)
+    batch = bundle.train.__getitems__(list(range(20, 26)))
+    weights = {t.name: torch.ones(6) for t in tasks}
+    retain = per_sample_gradients(
+        original, batch["image"], batch["targets"], weights, tasks, shared
+    )
+    generator = torch.Generator().manual_seed(0)
+    for name in shared:
+        projector = JointProjector({k: bases[k][name] for k in bases})
+        projector.set_retain(retain[name].flatten(1))
+        shape = retain[name][0].shape
+        gradients = {t.name: torch.randn(shape, generator=generator) for t in tasks}
+        projector.project = None  # the batched path must not fall back to one task at a time
+        together = projector.project_many(gradients)
+        del projector.project
+        assert list(together) == list(gradients)
+        rows = retain[name].flatten(1)
+        for task, gradient in gradients.items():
+            alone = projector.project(gradient, task)
+            scale = float(gradient.abs().max())
+            assert together[task].shape == shape
+            torch.testing.assert_close(together[task], alone, rtol=0, atol=1e-4 * scale)
+            flat = together[task].flatten()  # and it has the property that defines it
+            assert (rows @ flat).abs().max() <= 1e-3 * scale * rows.norm(dim=1).max()
+            for other in tasks:
+                if other.name != task:
+                    assert (bases[other.name][name].T @ flat).abs().max() <= 1e-3 * scale
+            assert (flat - gradient.flatten()).norm() > 1e-2 * gradient.norm()  # ~14 directions
+
+
 # ---------------------------------------------------------------- methods
 
 

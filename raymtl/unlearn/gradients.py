@@ -214,7 +214,7 @@ class JointProjector:
             return project_out(g.double(), basis).to(gradient.dtype).reshape(gradient.shape)
         a = None
         if self.retain is not None:
-            retain_coeffs, retain_dot_columns = self._factors()
+            retain_coeffs, _ = self._factors()
             a = retain_coeffs.T @ (self.retain.T @ g)  # Aᵀg
         if not use_task:
             if a is not None:
@@ -225,16 +225,60 @@ class JointProjector:
         if a is None:
             g = g - self._columns_times(idx, t @ u)
             return g.to(gradient.dtype).reshape(gradient.shape)
-        m = (retain_dot_columns[:, idx] @ t).double()  # M = AᵀU_t
+        removed_a, z = self._joint_coefficients(task, a, u)
+        g = g - self.retain @ (retain_coeffs @ removed_a) - self._columns_times(idx, t @ z)
+        return g.to(gradient.dtype).reshape(gradient.shape)
+
+    def _joint_coefficients(self, task: str, a: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Given Aᵀg and U_tᵀg, the coefficients of g's component in span(A ∪ U_t): on A, and
+        on C = U_t − A·M (as weights of U_t), from the small matrix CᵀC = I − MᵀM."""
+        _, retain_dot_columns = self._factors()
+        m = (retain_dot_columns[:, self.others[task]] @ self.coeffs[task]).double()  # M = AᵀU_t
         c_gram = torch.eye(m.shape[1], dtype=torch.float64) - m.T @ m  # CᵀC
         values, vectors = torch.linalg.eigh(c_gram)
         keep = values > 1e-6
         c_dot_g = u.double() - m.T @ a.double()
         z = vectors[:, keep] @ ((vectors[:, keep].T @ c_dot_g) / values[keep])
         removed_a = (a.double() - m @ z).float()  # coefficient on A: A a − A M z
-        z = z.float()
-        g = g - self.retain @ (retain_coeffs @ removed_a) - self._columns_times(idx, t @ z)
-        return g.to(gradient.dtype).reshape(gradient.shape)
+        return removed_a, z.float()
+
+    def project_many(self, gradients: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``project`` for several target tasks' gradients of this tensor at once: the products
+        with the [p, ·] bases become matrix products over all tasks, so the bases are read once
+        per step instead of once per task (they dominate the cost on a wide neck)."""
+        tasks = list(gradients)
+        if not tasks:
+            return {}
+        first = gradients[tasks[0]]
+        width = (self.columns.shape[1] if self.names else 0) + (
+            self.retain.shape[1] if self.retain is not None else 0
+        )
+        batched = (
+            len(tasks) > 1
+            and self.retain is not None
+            and bool(self.names)
+            and all(t in self.coeffs for t in tasks)
+            and width < first.numel()
+        )
+        if not batched:  # nothing to share, or the exact small-tensor path
+            return {t: self.project(g, t) for t, g in gradients.items()}
+        g = torch.stack([gradients[t].reshape(-1).float() for t in tasks], dim=1)  # [p, T]
+        retain_coeffs, _ = self._factors()
+        a = retain_coeffs.T @ (self.retain.T @ g)  # Aᵀg per task [r_A, T]
+        columns_dot_g = self.columns.T @ g  # [Σr, T]
+        removed_a = torch.empty_like(a)
+        on_columns = g.new_zeros((self.columns.shape[1], len(tasks)))
+        for k, task in enumerate(tasks):
+            idx, t = self.others[task], self.coeffs[task]
+            removed_a[:, k], z = self._joint_coefficients(
+                task, a[:, k], t.T @ columns_dot_g[idx, k]
+            )
+            on_columns[idx, k] = t @ z
+        g = g - self.retain @ (retain_coeffs @ removed_a) - self.columns @ on_columns
+        return {
+            task: g[:, k].to(gradients[task].dtype).reshape(gradients[task].shape)
+            for k, task in enumerate(tasks)
+        }
 
     def _columns_times(self, idx: Tensor, weights: Tensor) -> Tensor:
         """B[:, idx] @ weights without copying the columns."""

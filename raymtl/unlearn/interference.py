@@ -256,9 +256,16 @@ def interference_aware(
             projectors[n].set_retain(
                 per_sample[n][:size].flatten(1) if instance_orthogonal else None
             )
+        by_tensor: dict[str, dict[str, Tensor]] = {}  # tensor -> {task: its forget gradient}
         for task_name, grads in forget_grads.items():
             for n, g in grads.items():
-                g = projectors[n].project(g, task_name if n in shared_set else None)
+                by_tensor.setdefault(n, {})[task_name] = g
+        for n, task_grads in by_tensor.items():
+            if n in shared_set:  # every target task's gradient of it, projected in one go
+                projected = projectors[n].project_many(task_grads)
+            else:  # a head: one task's, retain part only
+                projected = {t: projectors[n].project(g, None) for t, g in task_grads.items()}
+            for g in projected.values():
                 direction[n] = direction[n] + (1 - alpha) * g
         for n, g in trunk.items():
             direction[n] = direction[n] + (1 - alpha) * projectors[n].project(g, None)
