@@ -33,6 +33,7 @@ from raymtl.unlearn.gradients import (
     per_sample_gradients,
     per_sample_task_gradients,
     top_directions,
+    weighted_loss_gradient,
 )
 from raymtl.unlearn.interference import (
     per_task_gradients,
@@ -244,6 +245,26 @@ def test_projected_update_is_orthogonal_to_retain_gradients_and_protected_subspa
             assert (bases[other.name][name].T @ projected).abs().max() <= 1e-3 * scale, name
         own = bases[target][name].T @ projected  # the target's own directions are not removed
         assert projected.norm() > 0 or own.numel() == 0
+
+
+def test_the_batched_weighted_gradient_is_the_sum_of_the_per_sample_gradients(tiny):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    batch = bundle.train.__getitems__(list(range(10)))
+    generator = torch.Generator().manual_seed(0)
+    weights = {t.name: torch.rand(10, generator=generator) for t in tasks[:3]}
+    weights[tasks[0].name][:4] = 0  # withdrawn pairs
+    params = dict(original.named_parameters())
+    summed = weighted_loss_gradient(
+        original, batch["image"], batch["targets"], weights, tasks, params
+    )
+    per_sample = per_sample_gradients(
+        original, batch["image"], batch["targets"], weights, tasks, list(params)
+    )
+    assert summed.keys() == per_sample.keys()
+    for name, gradient in summed.items():
+        torch.testing.assert_close(gradient, per_sample[name].sum(0), rtol=1e-4, atol=1e-6)
+    head = f"heads.{tasks[3].name}.weight"  # a task without weights gets no gradient
+    assert not summed[head].any() and summed[f"heads.{tasks[0].name}.weight"].any()
 
 
 def test_projecting_all_target_tasks_at_once_equals_projecting_each(tiny):

@@ -60,6 +60,31 @@ def per_sample_gradients(
     )
 
 
+def weighted_loss_gradient(
+    model: nn.Module,
+    images: Tensor,
+    targets: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    tasks: Sequence[TaskSpec],
+    params: Mapping[str, Tensor],
+) -> dict[str, Tensor]:
+    """Gradient of Σ_t Σ_i w_t[i]·ℓ_t(x_i) w.r.t. ``params`` (zeros where unused): the sum of
+    ``per_sample_gradients`` over the batch, from one batched backward pass."""
+    with torch.enable_grad():
+        outputs = model(images)
+        total = images.new_zeros(())
+        for task in tasks:
+            if task.name in weights:
+                loss = task.loss(outputs[task.name].float(), targets[task.name])
+                total = total + (weights[task.name].to(loss.dtype) * loss).sum()
+    names = list(params)
+    grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
+    return {
+        n: torch.zeros_like(params[n]) if g is None else g
+        for n, g in zip(names, grads, strict=True)
+    }
+
+
 def per_sample_task_gradients(
     model: nn.Module,
     images: Tensor,

@@ -53,6 +53,7 @@ from raymtl.unlearn.gradients import (
     per_sample_gradients,
     per_sample_task_gradients,
     top_directions,
+    weighted_loss_gradient,
 )
 from raymtl.unlearn.request import DeletionRequest
 
@@ -238,24 +239,30 @@ def interference_aware(
             t.name: (kept.get("masks") or {}).get(t.name, torch.ones(size, device=device)).float()
             for t in data.tasks
         }
-        images, targets = kept["image"], kept["targets"]
-        if anchor_forget_instances and not request.full:
+        anchored = anchor_forget_instances and not request.full
+        if anchored:
             # Partial requests: the forget instances' other labels are retain pairs too, and the
-            # ones most at risk; their gradients join the retain batch (withdrawn pairs masked).
+            # ones most at risk; their gradients join the retain gradient (withdrawn pairs
+            # masked). Only their sum is used, so it takes one batched backward pass.
             passes += len(batch["image"])
-            images = torch.cat([images, batch["image"]])
-            targets = {k: torch.cat([v, batch["targets"][k]]) for k, v in targets.items()}
             masks = {k: torch.cat([m, 1 - batch["masks"][k].float()]) for k, m in masks.items()}
         weights = {k: m / m.sum().clamp_min(1.0) for k, m in masks.items()}  # Σ_i = retain grad
-        per_sample = per_sample_gradients(model, images, targets, weights, data.tasks, list(params))
+        per_sample = per_sample_gradients(
+            model, kept["image"], kept["targets"], {k: w[:size] for k, w in weights.items()},
+            data.tasks, list(params),
+        )  # fmt: skip
         direction = {n: alpha * g.sum(0) for n, g in per_sample.items()}
+        if anchored:
+            anchor = weighted_loss_gradient(
+                model, batch["image"], batch["targets"], {k: w[size:] for k, w in weights.items()},
+                data.tasks, params,
+            )  # fmt: skip
+            direction = {n: d + alpha * anchor[n] for n, d in direction.items()}
         if not live:
             satisfied_steps += 1
         touched = {n for grads in forget_grads.values() for n in grads} | set(trunk)
         for n in touched:
-            projectors[n].set_retain(
-                per_sample[n][:size].flatten(1) if instance_orthogonal else None
-            )
+            projectors[n].set_retain(per_sample[n].flatten(1) if instance_orthogonal else None)
         by_tensor: dict[str, dict[str, Tensor]] = {}  # tensor -> {task: its forget gradient}
         for task_name, grads in forget_grads.items():
             for n, g in grads.items():
