@@ -233,10 +233,9 @@ class JointProjector:
         ``task`` None (or unknown to the projector) leaves out the task part."""
         g = gradient.reshape(-1).float()
         use_task = task in self.coeffs if self.names else False
-        width = (self.columns.shape[1] if use_task else 0) + (
-            self.retain.shape[1] if self.retain is not None else 0
-        )
-        if width >= len(g):  # the bases may span the whole tensor: an explicit basis is exact
+        if self._width(use_task) >= len(
+            g
+        ):  # the bases may span the whole tensor: an explicit basis is exact
             blocks = [self.retain.double()] if self.retain is not None else []
             if use_task:
                 blocks.append(self.columns[:, self.others[task]].double())
@@ -272,6 +271,13 @@ class JointProjector:
         removed_a = (a.double() - m @ z).float()  # coefficient on A: A a − A M z
         return removed_a, z.float()
 
+    def _width(self, use_task: bool) -> int:
+        """How many basis columns a projection uses: the task columns (when used) and the retain
+        gradients."""
+        return (self.columns.shape[1] if use_task else 0) + (
+            self.retain.shape[1] if self.retain is not None else 0
+        )
+
     def project_many(self, gradients: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``project`` for several target tasks' gradients of this tensor at once: the products
         with the [p, ·] bases become matrix products over all tasks, so the bases are read once
@@ -280,15 +286,12 @@ class JointProjector:
         if not tasks:
             return {}
         first = gradients[tasks[0]]
-        width = (self.columns.shape[1] if self.names else 0) + (
-            self.retain.shape[1] if self.retain is not None else 0
-        )
         batched = (
             len(tasks) > 1
             and self.retain is not None
             and bool(self.names)
             and all(t in self.coeffs for t in tasks)
-            and width < first.numel()
+            and self._width(True) < first.numel()
         )
         if not batched:  # nothing to share, or the exact small-tensor path
             return {t: self.project(g, t) for t, g in gradients.items()}
