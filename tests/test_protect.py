@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -250,6 +251,41 @@ def test_tap_and_sep_share_one_clean_training_run(tiny, monkeypatch):
     assert len(calls) == 2  # other settings: another run
 
 
+@pytest.mark.parametrize(("method", "restarts"), [("mtlue", 0), ("mtlue", 2), ("pgd", 1)])
+def test_em_restarts_fit_fresh_surrogates_before_the_stop_rule_ends_generation(
+    tiny, method, restarts
+):
+    every_epoch_fits = replace(TINY_SURROGATE, em_stop_error=1.0, em_restarts=restarts)
+    config = _config(method=method, base="em", epochs=5, surrogate=every_epoch_fits)
+    result = protect(tiny.train, tiny.tasks, 3, 16, config, progress=False)
+    assert len(result.log) == restarts + 1
+
+
+def test_an_em_restart_replaces_the_surrogate_and_survives_a_checkpoint(tiny):
+    import raymtl.protect.bases as bases
+
+    config = replace(TINY_SURROGATE, em_stop_error=1.0, em_restarts=1, em_steps_per_epoch=1)
+    em = bases.UE_BASES.create("em", tiny.tasks, 3, 16, config)
+    em.prepare(tiny.train)
+    first = em.surrogate
+
+    def no_noise(images, targets, ids):
+        return torch.zeros_like(images)
+
+    assert em.after_epoch(no_noise, tiny.train) is False  # fitted, but a restart is left
+    assert em.surrogate is not first and em.restarts_done == 1
+    fresh = [p.detach().clone() for p in em.surrogate.parameters()]
+    trained = [p.detach() for p in first.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(fresh, trained, strict=True))
+    resumed = bases.UE_BASES.create("em", tiny.tasks, 3, 16, config)
+    resumed.prepare_for_resume(tiny.train)
+    resumed.load_state_dict(em.state_dict())
+    assert resumed.restarts_done == 1
+    assert resumed.after_epoch(no_noise, tiny.train) is True  # no restart left: stop
+    with pytest.raises(ConfigError, match="surrogate em_restarts must be >= 0, got -1"):
+        _config(surrogate=replace(TINY_SURROGATE, em_restarts=-1)).validate()
+
+
 def test_tap_target_labels():
     assert target_labels(TaskSpec("b", "binary"), torch.tensor([0, 1])).tolist() == [1, 0]
     assert target_labels(TaskSpec("m", "multiclass", 5), torch.tensor([0, 3, 4])).tolist() == [
@@ -266,6 +302,7 @@ def test_tap_target_labels():
         (["--epsilon", "1.5"], "epsilon must be in (0, 1]"),
         (["--epsilon", "8/0"], "argument --epsilon: expected a number or a fraction like 8/255"),
         (["--lambda2", "-3"], "lambda2 must be >= 0"),
+        (["--em-restarts", "-1"], "argument --em-restarts: expected an integer >= 0"),
         (["--base", "lsp"], "unknown base method 'lsp'; available: em, sep, tap"),
         (
             ["--method", "magic"],

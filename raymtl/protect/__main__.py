@@ -12,6 +12,7 @@ from raymtl.cli import (
     add_data_arguments,
     check_names,
     data_options,
+    nonnegative_int,
     positive_int,
     run_main,
 )
@@ -124,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="epochs of the clean model (TAP, SEP) (default: 8)",
     )
+    parser.add_argument(
+        "--em-steps-per-epoch",
+        type=positive_int,
+        default=SurrogateConfig.em_steps_per_epoch,
+        help="em: surrogate steps after each generator epoch or PGD round "
+        f"(default: {SurrogateConfig.em_steps_per_epoch}, the paper's; short epochs need more)",
+    )
+    parser.add_argument(
+        "--em-restarts",
+        type=nonnegative_int,
+        default=SurrogateConfig.em_restarts,
+        help="em: fresh surrogates that must fit the noise again before generation stops "
+        f"(default: {SurrogateConfig.em_restarts})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument(
         "--out",
@@ -157,7 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_unprotected=args.keep_unprotected,
         patch_size=args.patch_size,
         seed=args.seed,
-        surrogate=SurrogateConfig(clean_epochs=args.clean_epochs, seed=args.seed),
+        surrogate=SurrogateConfig(
+            clean_epochs=args.clean_epochs,
+            em_steps_per_epoch=args.em_steps_per_epoch,
+            em_restarts=args.em_restarts,
+            seed=args.seed,
+        ),
     ).validate()
     out = Path(args.out)
     if (out / STORE_FILE).exists():

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from raymtl.data.base import MultiTaskArrays
 from raymtl.engine import TrainConfig, fit
+from raymtl.errors import ConfigError
 from raymtl.models import create_model
 from raymtl.registry import Registry
 from raymtl.tasks import IGNORE_INDEX, TaskSpec
@@ -35,11 +36,27 @@ class SurrogateConfig:
     em_steps_per_epoch: int = 2  # MTL-UE+EM: surrogate steps after each generator epoch
     em_pgd_surrogate_steps: int = 10  # per-sample EM: surrogate steps before each PGD round
     em_stop_error: float = 0.01
+    # EM: fresh surrogates that must fit x+δ again before the stop rule may end generation. A
+    # surrogate trained for long also knows the images' own features, so noise tuned to it alone
+    # need not be what a victim learning from scratch picks up first (0 = the paper's EM).
+    em_restarts: int = 0
     tap_stop_error: float = 0.9
     sep_checkpoints: int = 4
     sep_stop_error: float = 0.99
     device: str = "cpu"
     seed: int = 0
+
+    def validate(self) -> SurrogateConfig:
+        """ConfigError naming the first impossible value."""
+        for name in ("clean_epochs", "batch_size", "em_steps_per_epoch", "sep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"surrogate {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("em_pgd_surrogate_steps", "em_restarts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"surrogate {name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"surrogate lr must be > 0, got {self.lr}")
+        return self
 
 
 def target_labels(task: TaskSpec, labels: Tensor) -> Tensor:
@@ -228,15 +245,21 @@ def clean_run(
 @UE_BASES.register("em")
 class ErrorMinimising(UEBase):
     """EM (Huang et al. 2021): minimise a surrogate's loss on the true labels; the surrogate is
-    trained alternately on x+δ; stop when its train error <= em_stop_error."""
+    trained alternately on x+δ; stop when its train error <= em_stop_error. With
+    ``em_restarts`` the first fits each start a fresh surrogate instead of stopping."""
 
     name = "em"
 
     def prepare(self, train: MultiTaskArrays) -> None:
-        torch.manual_seed(self.config.seed)
+        self.restarts_done = 0
+        self._new_surrogate()
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    def _new_surrogate(self) -> None:
+        """A freshly initialised surrogate and its optimiser (seeded by the restart count)."""
+        torch.manual_seed(self.config.seed + 1_000_003 * self.restarts_done)
         self.surrogate = self.new_model().to(self.config.device)
         self.optimizer = torch.optim.Adam(self.surrogate.parameters(), lr=self.config.lr)
-        self._generator = torch.Generator().manual_seed(self.config.seed)
 
     def prepare_for_resume(self, train: MultiTaskArrays) -> None:
         self.prepare(train)  # a fresh surrogate and optimiser; the checkpoint fills them in
@@ -264,12 +287,24 @@ class ErrorMinimising(UEBase):
 
     def after_epoch(self, perturb: PerturbFn, train: MultiTaskArrays) -> bool:
         self.train_surrogate(perturb, train, self.config.em_steps_per_epoch)
-        return mean_error([self.surrogate], perturb, train, self.tasks) <= self.config.em_stop_error
+        fitted = (
+            mean_error([self.surrogate], perturb, train, self.tasks) <= self.config.em_stop_error
+        )
+        if fitted and self.restarts_done < self.config.em_restarts:
+            self.restarts_done += 1
+            self._new_surrogate()
+            return False
+        return fitted
 
     def state_dict(self) -> dict[str, Any]:
-        return {"surrogate": self.surrogate.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "surrogate": self.surrogate.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "restarts_done": self.restarts_done,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restarts_done = state.get("restarts_done", 0)
         self.surrogate.load_state_dict(state["surrogate"])
         self.optimizer.load_state_dict(state["optimizer"])
 

@@ -98,6 +98,7 @@ class ProtectConfig:
         for name in ("epochs", "batch_size", "width", "pgd_steps", "patch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.surrogate.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
