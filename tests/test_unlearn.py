@@ -392,6 +392,44 @@ def test_ours_never_sends_the_forget_signal_to_non_target_heads(tiny):
     )
 
 
+def test_ours_takes_per_sample_retain_gradients_only_where_a_forget_gradient_needs_them(
+    tiny, monkeypatch
+):
+    import raymtl.unlearn.interference as ours
+
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    options = {"steps": 8, "lr": 0.1, "task_projection": False}
+    calls = {"n": 0}
+    real = ours.per_sample_gradients
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ours, "per_sample_gradients", counted)
+    result = run_method("interference_aware", original, request, _data(tiny), options)
+    idle = result.log["steps_without_forget_signal"]
+    assert 0 < idle < options["steps"]  # both kinds of step were taken
+    assert calls["n"] == options["steps"] - idle
+
+    calls["n"] = 0
+    plain = {**options, "instance_orthogonal": False, "objective": "ascent", "optimizer": "sgd"}
+    result = run_method("interference_aware", original, request, _data(tiny), plain)
+    assert calls["n"] == 0  # nothing to orthogonalise: no per-sample gradients at all
+
+    # The retain gradient then comes from one batched backward pass: the same step as the sum
+    # of the per-sample gradients it replaces.
+    def summed_per_sample(model, images, targets, weights, tasks_, params):
+        grads = real(model, images, targets, weights, tasks_, list(params))
+        return {n: g.sum(0) for n, g in grads.items()}
+
+    monkeypatch.setattr(ours, "weighted_loss_gradient", summed_per_sample)
+    reference = run_method("interference_aware", original, request, _data(tiny), plain)
+    for p, q in zip(result.model.parameters(), reference.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
 def test_dense_tasks_unlearn_with_the_bounded_objective():
     bundle = build_dataset("synthetic_dense", n_train=24, n_test=8, image_size=16)
     config = TrainConfig(epochs=1, batch_size=8, device="cpu")

@@ -231,7 +231,12 @@ def interference_aware(
             grads = torch.autograd.grad(
                 sum(live.values()), [params[n] for n in rest], allow_unused=True
             )
-            trunk = {n: g for n, g in zip(rest, grads, strict=True) if g is not None}
+            trunk = {
+                n: g for n, g in zip(rest, grads, strict=True) if g is not None and bool(g.any())
+            }
+        # The tensors with a forget gradient (none once every target task's bounded objective
+        # is met: the bound's gradient is zero).
+        touched = {n for grads in forget_grads.values() for n in grads} | set(trunk)
         kept = batch_to(next(retain), device)
         passes += len(kept["image"])
         size = len(kept["image"])
@@ -247,22 +252,28 @@ def interference_aware(
             passes += len(batch["image"])
             masks = {k: torch.cat([m, 1 - batch["masks"][k].float()]) for k, m in masks.items()}
         weights = {k: m / m.sum().clamp_min(1.0) for k, m in masks.items()}  # Σ_i = retain grad
-        per_sample = per_sample_gradients(
-            model, kept["image"], kept["targets"], {k: w[:size] for k, w in weights.items()},
-            data.tasks, list(params),
-        )  # fmt: skip
-        direction = {n: alpha * g.sum(0) for n, g in per_sample.items()}
+        retain_weights = {k: w[:size] for k, w in weights.items()}
+        per_sample: dict[str, Tensor] = {}
+        if touched and instance_orthogonal:  # a forget gradient to orthogonalise against them
+            per_sample = per_sample_gradients(
+                model, kept["image"], kept["targets"], retain_weights, data.tasks, list(params)
+            )
+            direction = {n: alpha * g.sum(0) for n, g in per_sample.items()}
+        else:  # only the retain gradient's sum is used: one batched backward pass gives it
+            summed = weighted_loss_gradient(
+                model, kept["image"], kept["targets"], retain_weights, data.tasks, params
+            )
+            direction = {n: alpha * g for n, g in summed.items()}
         if anchored:
             anchor = weighted_loss_gradient(
                 model, batch["image"], batch["targets"], {k: w[size:] for k, w in weights.items()},
                 data.tasks, params,
             )  # fmt: skip
             direction = {n: d + alpha * anchor[n] for n, d in direction.items()}
-        if not live:
+        if not touched:
             satisfied_steps += 1
-        touched = {n for grads in forget_grads.values() for n in grads} | set(trunk)
         for n in touched:
-            projectors[n].set_retain(per_sample[n].flatten(1) if instance_orthogonal else None)
+            projectors[n].set_retain(per_sample[n].flatten(1) if per_sample else None)
         by_tensor: dict[str, dict[str, Tensor]] = {}  # tensor -> {task: its forget gradient}
         for task_name, grads in forget_grads.items():
             for n, g in grads.items():
