@@ -233,9 +233,8 @@ class JointProjector:
         ``task`` None (or unknown to the projector) leaves out the task part."""
         g = gradient.reshape(-1).float()
         use_task = task in self.coeffs if self.names else False
-        if self._width(use_task) >= len(
-            g
-        ):  # the bases may span the whole tensor: an explicit basis is exact
+        # The bases may span the whole tensor: an explicit basis is exact there.
+        if self._width(use_task) >= len(g):
             blocks = [self.retain.double()] if self.retain is not None else []
             if use_task:
                 blocks.append(self.columns[:, self.others[task]].double())
