@@ -171,6 +171,28 @@ def test_per_sample_gradients_match_one_sample_at_a_time(tiny):
     original.zero_grad()
 
 
+def test_per_sample_gradients_of_necks_and_heads_run_the_encoder_once_per_batch(tiny, monkeypatch):
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    batch = bundle.train.__getitems__([0, 1, 2, 3])
+    weights = {t.name: torch.tensor([1.0, 0.5, 0.0, 2.0]) for t in tasks}
+    names = [n for n, _ in original.named_parameters()]
+    late = [n for n in names if not n.startswith("encoder.")]
+    whole = per_sample_gradients(original, batch["image"], batch["targets"], weights, tasks, names)
+    calls = []
+    real = type(original.encoder).forward
+
+    def counted(self, x):
+        calls.append(x.shape)
+        return real(self, x)
+
+    monkeypatch.setattr(type(original.encoder), "forward", counted)
+    split = per_sample_gradients(original, batch["image"], batch["targets"], weights, tasks, late)
+    assert calls == [batch["image"].shape]  # one batched encoder pass, no per-sample one
+    assert set(split) == set(late)
+    for n in late:
+        torch.testing.assert_close(split[n], whole[n], rtol=1e-5, atol=1e-6)
+
+
 def test_per_sample_task_gradients_match_the_per_task_per_sample_gradients(tiny):
     bundle, tasks, original = tiny[0], tiny[1], tiny[4]
     batch = bundle.train.__getitems__([0, 1, 2, 3])
@@ -430,6 +452,48 @@ def test_ours_takes_per_sample_retain_gradients_only_where_a_forget_gradient_nee
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+def test_ours_orthogonalises_only_the_instance_layers_it_is_given(tiny, monkeypatch):
+    import raymtl.unlearn.interference as ours
+
+    bundle, tasks, original = tiny[0], tiny[1], tiny[4]
+    request = random_request(bundle.train.ids, tasks, 0.1, seed=0)
+    options = {"steps": 3, "lr": 0.01, "objective": "ascent", "task_projection": False}
+    asked = []
+    real = ours.per_sample_gradients
+
+    def recorded(model, images, targets, weights, tasks_, names):
+        asked.append(list(names))
+        return real(model, images, targets, weights, tasks_, names)
+
+    monkeypatch.setattr(ours, "per_sample_gradients", recorded)
+    data = _data(tiny)
+    late = run_method(
+        "interference_aware", original, request, data, {**options, "instance_layers": "neck,heads"}
+    )
+    assert asked and all(
+        n.startswith(("neck.", "heads.")) for names in asked for n in names
+    )  # the encoder's update is not orthogonalised, so it needs no per-sample gradients
+    assert (
+        late.log["sample_passes"]
+        > run_method("interference_aware", original, request, data, options).log["sample_passes"]
+    )  # its retain gradient takes one more batched pass
+    # Every layer named is the default (every parameter), step for step.
+    everything = run_method(
+        "interference_aware", original, request, data,
+        {**options, "instance_layers": "encoder,neck,heads"},
+    )  # fmt: skip
+    default = run_method("interference_aware", original, request, data, options)
+    for p, q in zip(everything.model.parameters(), default.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    changed = any(
+        not torch.allclose(p, q)
+        for p, q in zip(late.model.parameters(), default.model.parameters(), strict=True)
+    )
+    assert changed  # the encoder's forget update is no longer orthogonalised
+    with pytest.raises(ConfigError, match="instance_layers='nothing'"):
+        run_method("interference_aware", original, request, data, {"instance_layers": "nothing"})
+
+
 def test_dense_tasks_unlearn_with_the_bounded_objective():
     bundle = build_dataset("synthetic_dense", n_train=24, n_test=8, image_size=16)
     config = TrainConfig(epochs=1, batch_size=8, device="cpu")
@@ -637,12 +701,15 @@ def test_tuned_defaults_cover_every_tuned_method_and_resolve_with_explicit_optio
     tmp_path, benchmark_script
 ):
     shipped = load_tuned_defaults()
-    grids = benchmark_script("unlearn_tune").GRIDS
+    tune = benchmark_script("unlearn_tune")
+    grids = tune.GRIDS
     for dataset in ("synthetic", "synthetic_dense"):
         for setting in ("full", "partial"):
             assert set(shipped[dataset][setting]) == set(grids), (dataset, setting)
             for method, options in shipped[dataset][setting].items():
-                assert set(options) == set(grids[method])
+                fixed = tune.FIXED.get((method, dataset, setting), {})
+                assert set(options) == set(grids[method]) | set(fixed)
+                assert {k: options[k] for k in fixed} == fixed  # the cost choices, as fixed
                 assert set(options) <= set(default_options(method))
     path = tmp_path / "tuned.yaml"
     path.write_text(
@@ -670,7 +737,9 @@ def test_tuned_defaults_cover_every_tuned_method_and_resolve_with_explicit_optio
     assert load_tuned_defaults(tmp_path / "absent.yaml") == {}
 
 
-def test_tuning_picks_each_methods_lowest_uis_point_and_merges_the_file(tmp_path, benchmark_script):
+def test_tuning_picks_each_methods_lowest_uis_point_and_merges_the_file(
+    tmp_path, benchmark_script, monkeypatch
+):
     tune = benchmark_script("unlearn_tune")
     assert tune.grid_points({"lr": [1, 2], "steps": [3]}) == [
         {"lr": 1, "steps": 3}, {"lr": 2, "steps": 3}
@@ -680,19 +749,25 @@ def test_tuning_picks_each_methods_lowest_uis_point_and_merges_the_file(tmp_path
     assert tune.best_points(rows) == {"a": (1, 0.1), "b": (0, 0.2)}
     path = tmp_path / "tuned.yaml"
     path.write_text("celeba:\n  full:\n    scrub: {lr: 0.001}\n")
+    # A fixed cost choice rides along with every grid point and is written with the winner.
+    monkeypatch.setitem(tune.GRIDS, "finetune", {"lr": [3e-4, 1e-3, 3e-3]})
+    monkeypatch.setattr(tune, "FIXED", {("finetune", "synthetic", "full"): {"epochs": 2}})
     tuned = tune.main(
         ["--datasets", "synthetic", "--settings", "full", "--methods", "finetune",
          "--scale", "0.02", "--epochs", "1", "--requests", "2", "--write", str(path),
          "--out", str(tmp_path / "out")]
     )  # fmt: skip
     chosen = tuned["synthetic"]["full"]["finetune"]
-    assert chosen in tune.grid_points(tune.GRIDS["finetune"])
+    assert chosen["epochs"] == 2 and {"lr": chosen["lr"]} in tune.grid_points(
+        tune.GRIDS["finetune"]
+    )
     assert load_tuned_defaults(path) == {
         "celeba": {"full": {"scrub": {"lr": 0.001}}},  # entries of other data sets stay
         "synthetic": {"full": {"finetune": chosen}},
     }
     lines = (tmp_path / "out" / "synthetic-full.txt").read_text().splitlines()
-    assert len(lines) == 9 and all(" ± " in line for line in lines)  # mean over 2 requests
+    assert len(lines) == 3 and all(" ± " in line for line in lines)  # mean over 2 requests
+    assert all("'epochs': 2" in line for line in lines)
 
 
 def test_average_rows_means_each_numeric_column_and_spreads_the_chosen_ones():

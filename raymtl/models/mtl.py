@@ -68,10 +68,14 @@ class MultiTaskModel(nn.Module):
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        features = self.encoder(x)
+        return self.decode(self.encoder(x), (x.shape[-2], x.shape[-1]))
+
+    def decode(self, features: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
+        """Every task's output from the encoder's features (dense heads upsample to ``size``):
+        the part after the encoder, so per-sample gradients of the necks and heads need not
+        run the encoder once per sample."""
         pooled = self.neck(features) if self.neck is not None else None
         dense = self.dense_neck(features) if self.dense_neck is not None else None
-        size = (x.shape[-2], x.shape[-1])
         return {
             t.name: self.heads[t.name](dense, size) if t.dense else self.heads[t.name](pooled)
             for t in self.tasks

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from raymtl.models.mtl import MultiTaskModel
 from raymtl.tasks import TaskSpec
 
 
@@ -52,22 +53,44 @@ def per_sample_gradients(
     names: Sequence[str],
 ) -> dict[str, Tensor]:
     """Gradient of Σ_t w_t[i]·ℓ_t(x_i) for every sample i, w.r.t. the named parameters:
-    {name: [B, *shape]}. ``weights`` are per-sample task weights (0 drops a pair)."""
+    {name: [B, *shape]}. ``weights`` are per-sample task weights (0 drops a pair). When no
+    named parameter is in a multi-task model's encoder, the encoder runs once on the batch and
+    only the necks and heads run per sample."""
     params, frozen = split_parameters(model, names)
+    inputs, net, size = images, model, (images.shape[-2], images.shape[-1])
+    if isinstance(model, MultiTaskModel) and not any(n.startswith("encoder.") for n in names):
+        with torch.no_grad():  # eval mode: each sample's features are its own
+            inputs = model.encoder(images).contiguous()
+        net = _Decoder(model)
+        params = {f"model.{n}": p for n, p in params.items()}
+        frozen = {f"model.{n}": p for n, p in frozen.items() if not n.startswith("encoder.")}
 
     def loss_one(
-        trainable: dict[str, Tensor], image: Tensor, target: dict[str, Tensor], w: dict[str, Tensor]
+        trainable: dict[str, Tensor], x: Tensor, target: dict[str, Tensor], w: dict[str, Tensor]
     ) -> Tensor:
-        outputs = functional_call(model, {**trainable, **frozen}, (image[None],))
+        extra = (size,) if net is not model else ()
+        outputs = functional_call(net, {**trainable, **frozen}, (x[None], *extra))
         return weighted_loss(outputs, {k: v[None] for k, v in target.items()}, w, tasks)
 
     used = {t.name for t in tasks if t.name in weights}
-    return vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(
         params,
-        images,
+        inputs,
         {k: v for k, v in targets.items() if k in used},
         {k: weights[k].to(images.dtype) for k in used},
     )
+    return {n.removeprefix("model.") if net is not model else n: g for n, g in grads.items()}
+
+
+class _Decoder(nn.Module):
+    """A multi-task model after its encoder, as a module of its own (for ``functional_call``)."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
+        return self.model.decode(features, size)
 
 
 def weighted_loss_gradient(

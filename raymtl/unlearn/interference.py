@@ -10,6 +10,8 @@ Two parts, each switchable for ablation:
 2. Instance-level orthogonalisation. Per step, per-sample gradients of a retain batch
    (torch.func) are orthonormalised per parameter tensor, and the forget update loses its
    components along them: g⊥ = g − QQᵀg, so it does not move what those instances rely on.
+   ``instance_layers`` can restrict this to some tensors (the rest avoid the batch's summed
+   retain gradient only), which spares per-sample gradients of the encoder.
 Both bases are joined per tensor, so g⊥ is orthogonal to all of them at once. The task part
 applies to the layers named by ``layers`` (by default the necks, where the tasks separate); the
 other shared layers get the summed forget gradient, orthogonalised against retain gradients only.
@@ -63,13 +65,26 @@ def shared_parameter_names(model: MultiTaskModel, layers: str | None = None) -> 
     that restrict them (the empty string: all shared parameters)."""
     shared = {id(p) for p in model.shared_parameters()}
     names = [n for n, p in model.named_parameters() if id(p) in shared]
-    if layers:
-        prefixes = [p.strip() for p in layers.split(",") if p.strip()]
-        chosen = [n for n in names if n.startswith(tuple(prefixes))]
-        if not chosen:
-            raise ConfigError(f"layers={layers!r} matches no shared parameter; e.g. {names[0]}")
-        return chosen
-    return names
+    return names_with_prefixes(names, layers or "", "layers")
+
+
+def parameter_names(model: MultiTaskModel, layers: str = "") -> list[str]:
+    """Names of the model's parameters that start with one of the comma-separated prefixes in
+    ``layers`` (the empty string: every parameter)."""
+    names = [n for n, _ in model.named_parameters()]
+    return names_with_prefixes(names, layers, "instance_layers")
+
+
+def names_with_prefixes(names: list[str], layers: str, option: str) -> list[str]:
+    """The ``names`` that start with one of the comma-separated prefixes in ``layers`` (all of
+    them for the empty string); a ConfigError naming ``option`` when none does."""
+    prefixes = tuple(p.strip() for p in layers.split(",") if p.strip())
+    if not prefixes:
+        return names
+    chosen = [n for n in names if n.startswith(prefixes)]
+    if not chosen:
+        raise ConfigError(f"{option}={layers!r} matches no parameter; e.g. {names[0]}")
+    return chosen
 
 
 def task_groups(
@@ -175,6 +190,7 @@ def interference_aware(
     anchor_forget_instances: bool = True,
     optimizer: str = "adam",
     basis_memory_mb: float = 2048.0,
+    instance_layers: str = "",
 ) -> UnlearnResult:
     """Projected, orthogonalised forgetting; see the module docstring. ``energy`` > 0 replaces
     the fixed ``rank`` by an energy threshold. ``layers`` names the shared layers that get the
@@ -183,7 +199,11 @@ def interference_aware(
     forget gradient, orthogonalised against the retain gradients only. This keeps one step at
     about one backward pass through the backbone, whatever the number of tasks.
     ``basis_memory_mb`` bounds the per-sample gradients held while the task bases are built
-    (tasks are then done in groups, one more pass over the basis samples per group)."""
+    (tasks are then done in groups, one more pass over the basis samples per group).
+    ``instance_layers`` (name prefixes, "" = every parameter) restricts the instance-level
+    part: only those tensors' forget updates are orthogonalised against per-sample retain
+    gradients; the others get the retain gradient's sum from one batched pass. With the necks
+    and heads only, the encoder runs once per retain batch instead of once per sample."""
     check_common(
         steps=steps, lr=lr, alpha=alpha, forget_batch=forget_batch, retain_batch=retain_batch
     )
@@ -203,6 +223,7 @@ def interference_aware(
     shared = shared_parameter_names(model, layers or None)  # the task-projected layers
     shared_set = set(shared)
     rest = [n for n in shared_parameter_names(model) if n not in shared_set]
+    instance = parameter_names(model, instance_layers)  # orthogonalised against retain samples
     heads = {t.name: [n for n in params if n.startswith(f"heads.{t.name}.")] for t in data.tasks}
     passes = 0
     bases: dict[str, dict[str, Tensor]] = {}
@@ -253,12 +274,20 @@ def interference_aware(
             masks = {k: torch.cat([m, 1 - batch["masks"][k].float()]) for k, m in masks.items()}
         weights = {k: m / m.sum().clamp_min(1.0) for k, m in masks.items()}  # Σ_i = retain grad
         retain_weights = {k: w[:size] for k, w in weights.items()}
-        per_sample: dict[str, Tensor] = {}
+        per_sample: dict[str, Tensor] = {}  # tensor -> the retain directions [m, p] it avoids
         if touched and instance_orthogonal:  # a forget gradient to orthogonalise against them
             per_sample = per_sample_gradients(
-                model, kept["image"], kept["targets"], retain_weights, data.tasks, list(params)
+                model, kept["image"], kept["targets"], retain_weights, data.tasks, instance
             )
             direction = {n: alpha * g.sum(0) for n, g in per_sample.items()}
+            others = {n: p for n, p in params.items() if n not in per_sample}
+            if others:  # outside ``instance_layers``: the batched retain gradient, one direction
+                passes += size
+                summed = weighted_loss_gradient(
+                    model, kept["image"], kept["targets"], retain_weights, data.tasks, others
+                )
+                direction.update({n: alpha * g for n, g in summed.items()})
+                per_sample.update({n: g[None] for n, g in summed.items()})
         else:  # only the retain gradient's sum is used: one batched backward pass gives it
             summed = weighted_loss_gradient(
                 model, kept["image"], kept["targets"], retain_weights, data.tasks, params
@@ -273,7 +302,7 @@ def interference_aware(
         if not touched:
             satisfied_steps += 1
         for n in touched:
-            projectors[n].set_retain(per_sample[n].flatten(1) if per_sample else None)
+            projectors[n].set_retain(per_sample[n].flatten(1) if n in per_sample else None)
         by_tensor: dict[str, dict[str, Tensor]] = {}  # tensor -> {task: its forget gradient}
         for task_name, grads in forget_grads.items():
             for n, g in grads.items():
