@@ -44,7 +44,7 @@ GRIDS: dict[str, dict[str, list[Any]]] = {  # method -> option -> values (3 × 3
 # most of ours' step, so ours orthogonalises only the neck's and heads' updates against
 # per-sample retain gradients (the encoder's against the batch's retain gradient). On 10 table
 # requests: full 6.5x faster than retraining instead of 4.7x, UIS 0.0451 instead of 0.0413;
-# partial 6.2x instead of 4.8x, UIS 0.0389 instead of 0.0381 (README). On the dense set the
+# partial 6.5x instead of 4.8-5.2x, UIS 0.0389 instead of 0.0381 (README). On the dense set the
 # full-size heads dominate instead (no faster, UIS 0.0296 against 0.0250): none there.
 FIXED: dict[tuple[str, str, str], dict[str, Any]] = {
     ("interference_aware", "synthetic", "full"): {"instance_layers": "neck,heads"},

@@ -57,18 +57,18 @@ def per_sample_gradients(
     named parameter is in a multi-task model's encoder, the encoder runs once on the batch and
     only the necks and heads run per sample."""
     params, frozen = split_parameters(model, names)
-    inputs, net, size = images, model, (images.shape[-2], images.shape[-1])
+    net: nn.Module = model
+    inputs, extra, prefix = images, (), ""
     if isinstance(model, MultiTaskModel) and not any(n.startswith("encoder.") for n in names):
         with torch.no_grad():  # eval mode: each sample's features are its own
             inputs = model.encoder(images).contiguous()
-        net = _Decoder(model)
-        params = {f"model.{n}": p for n, p in params.items()}
-        frozen = {f"model.{n}": p for n, p in frozen.items() if not n.startswith("encoder.")}
+        net, extra, prefix = _Decoder(model), ((images.shape[-2], images.shape[-1]),), "model."
+        params = {prefix + n: p for n, p in params.items()}
+        frozen = {prefix + n: p for n, p in frozen.items() if not n.startswith("encoder.")}
 
     def loss_one(
         trainable: dict[str, Tensor], x: Tensor, target: dict[str, Tensor], w: dict[str, Tensor]
     ) -> Tensor:
-        extra = (size,) if net is not model else ()
         outputs = functional_call(net, {**trainable, **frozen}, (x[None], *extra))
         return weighted_loss(outputs, {k: v[None] for k, v in target.items()}, w, tasks)
 
@@ -79,7 +79,7 @@ def per_sample_gradients(
         {k: v for k, v in targets.items() if k in used},
         {k: weights[k].to(images.dtype) for k in used},
     )
-    return {n.removeprefix("model.") if net is not model else n: g for n, g in grads.items()}
+    return {n.removeprefix(prefix): g for n, g in grads.items()}
 
 
 class _Decoder(nn.Module):

@@ -274,20 +274,20 @@ def interference_aware(
             masks = {k: torch.cat([m, 1 - batch["masks"][k].float()]) for k, m in masks.items()}
         weights = {k: m / m.sum().clamp_min(1.0) for k, m in masks.items()}  # Σ_i = retain grad
         retain_weights = {k: w[:size] for k, w in weights.items()}
-        per_sample: dict[str, Tensor] = {}  # tensor -> the retain directions [m, p] it avoids
+        avoided: dict[str, Tensor] = {}  # tensor -> the retain directions [m, ...] it avoids
         if touched and instance_orthogonal:  # a forget gradient to orthogonalise against them
-            per_sample = per_sample_gradients(
+            avoided = per_sample_gradients(
                 model, kept["image"], kept["targets"], retain_weights, data.tasks, instance
             )
-            direction = {n: alpha * g.sum(0) for n, g in per_sample.items()}
-            others = {n: p for n, p in params.items() if n not in per_sample}
+            direction = {n: alpha * g.sum(0) for n, g in avoided.items()}
+            others = {n: p for n, p in params.items() if n not in avoided}
             if others:  # outside ``instance_layers``: the batched retain gradient, one direction
                 passes += size
                 summed = weighted_loss_gradient(
                     model, kept["image"], kept["targets"], retain_weights, data.tasks, others
                 )
                 direction.update({n: alpha * g for n, g in summed.items()})
-                per_sample.update({n: g[None] for n, g in summed.items()})
+                avoided.update({n: g[None] for n, g in summed.items()})
         else:  # only the retain gradient's sum is used: one batched backward pass gives it
             summed = weighted_loss_gradient(
                 model, kept["image"], kept["targets"], retain_weights, data.tasks, params
@@ -302,7 +302,7 @@ def interference_aware(
         if not touched:
             satisfied_steps += 1
         for n in touched:
-            projectors[n].set_retain(per_sample[n].flatten(1) if n in per_sample else None)
+            projectors[n].set_retain(avoided[n].flatten(1) if n in avoided else None)
         by_tensor: dict[str, dict[str, Tensor]] = {}  # tensor -> {task: its forget gradient}
         for task_name, grads in forget_grads.items():
             for n, g in grads.items():
