@@ -49,3 +49,50 @@ def test_shared_and_task_parameters_partition_the_model():
     every = {id(p) for p in model.parameters()}
     assert shared.isdisjoint(heads) and shared | heads == every
     assert {id(p) for p in model.task_parameters("hue")} < heads
+
+
+def test_channels_last_is_kept_off_modules_with_a_narrow_strided_1x1_convolution():
+    from torch import nn
+
+    from raymtl.models.mtl import channels_last_is_safe, to_channels_last
+
+    narrow = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 1, stride=2))
+    assert not channels_last_is_safe(narrow)
+    assert to_channels_last(narrow)[1].weight.is_contiguous()  # left as it was
+    for fine in (nn.Conv2d(8, 16, 1, stride=2), nn.Conv2d(4, 8, 3, stride=2), nn.Conv2d(4, 8, 1)):
+        assert channels_last_is_safe(fine)
+        assert to_channels_last(fine).weight.is_contiguous(memory_format=torch.channels_last)
+
+
+GENERATOR_GRADIENTS = """
+import copy, torch
+from raymtl.data.synthetic import dense_tasks
+from raymtl.protect.generator import MTLUEGenerator
+torch.set_num_threads(1)
+torch.manual_seed(0)
+tasks = dense_tasks()
+g = MTLUEGenerator(tasks, 3, 16, 8 / 255, width=4)
+reference = copy.deepcopy(g).to(memory_format=torch.contiguous_format)
+images = torch.rand(48, 3, 16, 16)
+targets = {
+    "segmentation": torch.randint(0, 4, (48, 16, 16)),
+    "depth": torch.rand(48, 16, 16) + 1,
+    "normals": torch.nn.functional.normalize(torch.randn(48, 3, 16, 16), dim=1),
+}
+for net in (g, reference):
+    net(images, targets).square().sum().backward()
+for (name, a), b in zip(g.named_parameters(), reference.parameters()):
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+print("equal")
+"""
+
+
+def test_a_narrow_generator_has_the_gradients_of_its_contiguous_copy():
+    # In a subprocess: on an affected machine the unguarded layout corrupts the heap.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", GENERATOR_GRADIENTS], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "equal", out.stderr[-2000:]

@@ -94,6 +94,30 @@ class MultiTaskModel(nn.Module):
             yield from head.parameters()
 
 
+# PyTorch 2.14's CPU backward of a 1x1, stride-2 convolution on channels-last input with 2 to 7
+# input channels returns wrong gradients and corrupts the heap ("double free or corruption") on
+# AVX2 machines (measured here, 1 and 2 threads; 8 or more channels, other kernels and strides are
+# exact). ResNet downsampling convolutions are exactly that in narrow networks.
+_UNSAFE_NHWC_CHANNELS = range(2, 8)
+
+
+def channels_last_is_safe(module: nn.Module) -> bool:
+    """False when ``module`` holds a convolution whose channels-last backward is wrong (above)."""
+    return not any(
+        isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and m.stride != (1, 1)
+        and m.in_channels in _UNSAFE_NHWC_CHANNELS
+        for m in module.modules()
+    )
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module`` with its weights in channels-last layout where that is safe, else unchanged:
+    oneDNN and cuDNN convolve NHWC faster, and a contiguous input is converted on the way."""
+    return module.to(memory_format=torch.channels_last) if channels_last_is_safe(module) else module
+
+
 def create_model(
     backbone: str,
     tasks: Sequence[TaskSpec],
@@ -102,7 +126,7 @@ def create_model(
     **kwargs: Any,
 ) -> MultiTaskModel:
     """Build a multi-task model on a registered backbone (random init), its convolution weights
-    in channels-last layout: oneDNN and cuDNN convolve NHWC faster (training steps here: small
-    CNN 1.6x, ResNet-18 1.4x on 2 CPU cores; benchmarks/memory_format.py)."""
+    in channels-last layout where that is safe: oneDNN and cuDNN convolve NHWC faster (training
+    steps here: small CNN 1.6x, ResNet-18 1.4x on 2 CPU cores; benchmarks/memory_format.py)."""
     model = MultiTaskModel(create_backbone(backbone, in_channels, image_size, **kwargs), tasks)
-    return model.to(memory_format=torch.channels_last)
+    return to_channels_last(model)

@@ -18,6 +18,7 @@ import torchvision
 from torch import Tensor, nn
 
 from raymtl.errors import ConfigError
+from raymtl.models.mtl import to_channels_last
 from raymtl.tasks import IGNORE_INDEX, TaskSpec
 
 VARIANTS = ("sample", "class", "z_only")
@@ -161,7 +162,7 @@ class MTLUEGenerator(nn.Module):
             *ups,
             nn.Conv2d(width if large else 2 * width, in_channels, 3, padding=1),
         )
-        self.to(memory_format=torch.channels_last)  # NHWC convolutions: ~1.1x faster steps on CPU
+        to_channels_last(self)  # NHWC convolutions: ~1.1x faster steps on CPU (not below width 8)
 
     def label_embeddings(
         self, targets: dict[str, Tensor], batch: int, size: tuple[int, int]
