@@ -1,7 +1,8 @@
 """``python -m raymtl.matrix``: the victim matrix. For one (protected) training set, train every
 combination of backbones × weighting strategies × {MTL, STL} × defences and evaluate each on the
 CLEAN test set; write matrix.csv, matrix.md and TensorBoard scalars. Cells run one after another
-here; the Ray layer can run each cell as a trial.
+here; with ``--ray`` each (cell, training set) becomes a Ray Tune trial (``raymtl.scale.matrix``)
+on a local or attached cluster.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from raymtl.cli import (
     add_training_arguments,
     check_names,
     data_options,
+    nonnegative_float,
+    positive_float,
+    positive_int,
     run_main,
     train_config,
 )
@@ -89,6 +93,77 @@ def mean_balanced_accuracy(per_task: dict[str, dict[str, float]]) -> float | Non
     return sum(values) / len(values) if values else None
 
 
+@dataclass(frozen=True)
+class Job:
+    """One victim to train: a cell on one of the named training sets."""
+
+    cell: Cell
+    data: str  # the training set's name ('protected', 'clean')
+
+
+def matrix_jobs(cells: Sequence[Cell], data_names: Sequence[str]) -> list[Job]:
+    """Every cell on every named training set, in table order."""
+    return [Job(cell, name) for cell, name in itertools.product(cells, data_names)]
+
+
+def run_job(
+    job: Job,
+    train: Dataset,
+    test: Dataset,
+    tasks: Sequence[TaskSpec],
+    make_model: Callable[[str, list[TaskSpec]], Any],
+    base: TrainConfig,
+) -> dict[str, Any]:
+    """Train and evaluate one job's victim; its table row. Every victim starts from the weights
+    of ``base.seed``, so a row does not depend on which jobs ran before it (or where)."""
+    cell = job.cell
+    config = replace(
+        base,
+        weighting=cell.weighting if cell.mode == "mtl" else "ls",
+        defence=None if cell.defence == NO_DEFENCE else cell.defence,
+        defence_options={},  # each defence at its defaults (JPEG 10, 2 bits, PGD 8/255)
+    )
+    torch.manual_seed(base.seed)
+    result = train_and_evaluate(
+        cell.mode,
+        lambda ts, b=cell.backbone: make_model(b, ts),
+        train,
+        test,
+        tasks,
+        config,
+    )
+    per_task = result.test["tasks"]
+    row: dict[str, Any] = {
+        "backbone": cell.backbone,
+        "mode": cell.mode,
+        "weighting": cell.weighting,
+        "defence": cell.defence,
+        "data": job.data,
+        "mean_score": round(result.test["mean_score"], 4),
+    }
+    balanced = mean_balanced_accuracy(per_task)
+    if balanced is not None:
+        row["mean_balanced_accuracy"] = round(balanced, 4)
+    row.update({t.name: round(per_task[t.name][t.primary_metric], 4) for t in tasks})
+    row["seconds"] = round(result.seconds, 1)
+    return row
+
+
+def row_scalars(job: Job, row: dict[str, Any], tasks: Sequence[TaskSpec]) -> dict[str, float]:
+    """TensorBoard scalars of one row, tagged by cell and training set."""
+    prefix = f"{job.cell.name}/{job.data}"
+    scalars = {f"{prefix}/mean_score": row["mean_score"]}
+    scalars.update({f"{prefix}/{t.name}": row[t.name] for t in tasks})
+    return scalars
+
+
+def describe(job: Job, row: dict[str, Any]) -> str:
+    """One progress line for a finished job."""
+    return (
+        f"{job.cell.name} [{job.data}]: mean score {row['mean_score']:.4f} ({row['seconds']:.0f}s)"
+    )
+
+
 def run_matrix(
     cells: Sequence[Cell],
     datasets: dict[str, Dataset],
@@ -99,47 +174,17 @@ def run_matrix(
     run: RunDir | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every cell on every named training set (e.g. protected, clean)."""
+    """Train and evaluate every cell on every named training set (e.g. protected, clean), one
+    after another in this process."""
     rows = []
-    jobs = list(itertools.product(cells, datasets.items()))
-    for cell, (data_name, train) in tqdm(jobs, desc="victim matrix", disable=not progress):
-        config = replace(
-            base,
-            weighting=cell.weighting if cell.mode == "mtl" else "ls",
-            defence=None if cell.defence == NO_DEFENCE else cell.defence,
-            defence_options={},  # each defence at its defaults (JPEG 10, 2 bits, PGD 8/255)
-        )
-        result = train_and_evaluate(
-            cell.mode,
-            lambda ts, b=cell.backbone: make_model(b, ts),
-            train,
-            test,
-            tasks,
-            config,
-        )
-        per_task = result.test["tasks"]
-        row: dict[str, Any] = {
-            "backbone": cell.backbone,
-            "mode": cell.mode,
-            "weighting": cell.weighting,
-            "defence": cell.defence,
-            "data": data_name,
-            "mean_score": round(result.test["mean_score"], 4),
-        }
-        balanced = mean_balanced_accuracy(per_task)
-        if balanced is not None:
-            row["mean_balanced_accuracy"] = round(balanced, 4)
-        row.update({t.name: round(per_task[t.name][t.primary_metric], 4) for t in tasks})
-        row["seconds"] = round(result.seconds, 1)
+    jobs = matrix_jobs(cells, list(datasets))
+    for job in tqdm(jobs, desc="victim matrix", disable=not progress):
+        row = run_job(job, datasets[job.data], test, tasks, make_model, base)
         rows.append(row)
         if run is not None:
-            scalars = {f"{cell.name}/{data_name}/mean_score": row["mean_score"]}
-            scalars.update({f"{cell.name}/{data_name}/{t.name}": row[t.name] for t in tasks})
-            run.log_metrics(len(rows), scalars)
+            run.log_metrics(len(rows), row_scalars(job, row, tasks))
         if progress:
-            tqdm.write(
-                f"{cell.name} [{data_name}]: mean score {row['mean_score']:.4f} ({row['seconds']:.0f}s)"
-            )
+            tqdm.write(describe(job, row))
     return rows
 
 
@@ -201,6 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=NO_DEFENCE,
         help=f"comma-separated: {NO_DEFENCE}, {', '.join(DEFENCES.names())}",
     )
+    ray = parser.add_argument_group("Ray (--ray: one Tune trial per cell and training set)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the cells as Ray Tune trials, side by side, instead of one after another",
+    )
+    ray.add_argument(
+        "--address",
+        default=None,
+        help="attach to a running Ray cluster ('auto' or HOST:PORT); default: start a local one",
+    )
+    ray.add_argument(
+        "--cpus-per-cell", type=positive_float, default=1.0, help="CPUs per trial (default: 1)"
+    )
+    ray.add_argument(
+        "--gpus-per-cell",
+        type=nonnegative_float,
+        default=0.0,
+        help="GPUs per trial; with --device auto a trial given one trains on it (default: 0)",
+    )
+    ray.add_argument(
+        "--max-concurrent",
+        type=positive_int,
+        default=None,
+        help="trials at once (default: as many as the cluster's CPUs/GPUs allow)",
+    )
     add_data_arguments(parser)
     add_training_arguments(parser, "matrix")
     return parser
@@ -235,20 +306,76 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dataset": {"name": bundle.name, **bundle.options},
             "cells": [c.name for c in cells],
             "train": config.to_dict(),
+            "ray": (
+                {
+                    "address": args.address,
+                    "cpus_per_cell": args.cpus_per_cell,
+                    "gpus_per_cell": args.gpus_per_cell,
+                    "max_concurrent": args.max_concurrent,
+                }
+                if args.ray
+                else None
+            ),
         }
     )
 
-    def make(backbone: str, tasks: list[TaskSpec]) -> Any:
-        return create_model(backbone, tasks, bundle.in_channels, bundle.image_size)
-
-    rows = run_matrix(cells, datasets, bundle.test, bundle.tasks, make, config, run)
+    make = ModelFactory(bundle.in_channels, bundle.image_size)
+    failed: list[str] = []
+    if args.ray:
+        rows, failed = _run_on_ray(
+            args, cells, datasets, bundle.test, bundle.tasks, make, config, run
+        )
+    else:
+        rows = run_matrix(cells, datasets, bundle.test, bundle.tasks, make, config, run)
     run.write_text("matrix.csv", to_csv(rows))
     table = to_markdown(rows)
     run.write_text("matrix.md", table)
     run.close()
     print(table, end="")
     print(f"wrote {run.path / 'matrix.csv'} and matrix.md ({len(rows)} rows)")
-    return 0
+    for line in failed:
+        print(f"{PROG}: failed: {line}")
+    return 1 if failed else 0
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """Builds a backbone's model for a task list (picklable, so Ray trials can receive it)."""
+
+    in_channels: int
+    image_size: int
+
+    def __call__(self, backbone: str, tasks: list[TaskSpec]) -> Any:
+        """A freshly initialised model."""
+        return create_model(backbone, tasks, self.in_channels, self.image_size)
+
+
+def _run_on_ray(
+    args: argparse.Namespace,
+    cells: Sequence[Cell],
+    datasets: dict[str, Dataset],
+    test: Dataset,
+    tasks: Sequence[TaskSpec],
+    make: ModelFactory,
+    config: TrainConfig,
+    run: RunDir,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every job as a Tune trial; the finished rows in table order (logged as in a local run)
+    and one line per failed job."""
+    from raymtl.scale.matrix import TrialResources, run_jobs_as_trials
+
+    jobs = matrix_jobs(cells, list(datasets))
+    resources = TrialResources(args.cpus_per_cell, args.gpus_per_cell, args.max_concurrent)
+    storage = str(run.path.resolve() / "tune")
+    results, failed = run_jobs_as_trials(
+        jobs, datasets, test, tasks, make, config, storage, resources, args.address
+    )
+    rows = []
+    for job, row in zip(jobs, results, strict=True):
+        if row is not None:
+            rows.append(row)
+            run.log_metrics(len(rows), row_scalars(job, row, tasks))
+    return rows, failed
 
 
 if __name__ == "__main__":

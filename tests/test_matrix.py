@@ -88,3 +88,29 @@ def test_matrix_cli_bad_name_is_one_line_status_2(tmp_path):
         "python -m raymtl.matrix: error: unknown defence 'blur'; available: bdr, grayscale, jpeg, pgd_at"
     ]
     assert not run.exists()
+
+
+def _rows_without_time(run_dir):
+    rows = list(csv.DictReader((run_dir / "matrix.csv").open()))
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_matrix_on_ray_runs_one_trial_per_job_with_the_local_rows(tmp_path, ray_cluster):
+    import torch
+
+    argv = [*TINY, "--weightings", "ls,uw", "--modes", "mtl,stl"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each 1-CPU trial, so both runs compute in the same order
+    try:
+        assert main([*argv, "--run-dir", str(tmp_path / "local")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    ray_run = tmp_path / "ray"
+    assert main([*argv, "--ray", "--cpus-per-cell", "1", "--run-dir", str(ray_run)]) == 0
+    local, on_ray = _rows_without_time(tmp_path / "local"), _rows_without_time(ray_run)
+    assert len(on_ray) == 3
+    assert on_ray == local  # same cells, same order, same scores: every victim seeded alike
+    trials = [p for p in (ray_run / "tune" / "matrix").iterdir() if p.is_dir()]
+    assert len(trials) == 3
+    assert len((ray_run / "matrix.md").read_text().strip().splitlines()) == 2 + 3
+    assert list((ray_run / "tensorboard").glob("events.out.tfevents.*"))
