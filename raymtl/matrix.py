@@ -106,17 +106,22 @@ def matrix_jobs(cells: Sequence[Cell], data_names: Sequence[str]) -> list[Job]:
     return [Job(cell, name) for cell, name in itertools.product(cells, data_names)]
 
 
-def run_job(
-    job: Job,
-    train: Dataset,
-    test: Dataset,
-    tasks: Sequence[TaskSpec],
-    make_model: Callable[[str, list[TaskSpec]], Any],
-    base: TrainConfig,
-) -> dict[str, Any]:
+@dataclass
+class MatrixInputs:
+    """What every job of a matrix shares: the named training sets, the clean test set, the tasks,
+    the model factory and the training recipe."""
+
+    datasets: dict[str, Dataset]
+    test: Dataset
+    tasks: Sequence[TaskSpec]
+    make_model: Callable[[str, list[TaskSpec]], Any]
+    base: TrainConfig
+
+
+def run_job(job: Job, inputs: MatrixInputs) -> dict[str, Any]:
     """Train and evaluate one job's victim; its table row. Every victim starts from the weights
-    of ``base.seed``, so a row does not depend on which jobs ran before it (or where)."""
-    cell = job.cell
+    of the recipe's seed, so a row does not depend on which jobs ran before it (or where)."""
+    cell, base, tasks = job.cell, inputs.base, inputs.tasks
     config = replace(
         base,
         weighting=cell.weighting if cell.mode == "mtl" else "ls",
@@ -126,9 +131,9 @@ def run_job(
     torch.manual_seed(base.seed)
     result = train_and_evaluate(
         cell.mode,
-        lambda ts, b=cell.backbone: make_model(b, ts),
-        train,
-        test,
+        lambda ts, b=cell.backbone: inputs.make_model(b, ts),
+        inputs.datasets[job.data],
+        inputs.test,
         tasks,
         config,
     )
@@ -166,23 +171,19 @@ def describe(job: Job, row: dict[str, Any]) -> str:
 
 def run_matrix(
     cells: Sequence[Cell],
-    datasets: dict[str, Dataset],
-    test: Dataset,
-    tasks: Sequence[TaskSpec],
-    make_model: Callable[[str, list[TaskSpec]], Any],
-    base: TrainConfig,
+    inputs: MatrixInputs,
     run: RunDir | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every cell on every named training set (e.g. protected, clean), one
     after another in this process."""
     rows = []
-    jobs = matrix_jobs(cells, list(datasets))
+    jobs = matrix_jobs(cells, list(inputs.datasets))
     for job in tqdm(jobs, desc="victim matrix", disable=not progress):
-        row = run_job(job, datasets[job.data], test, tasks, make_model, base)
+        row = run_job(job, inputs)
         rows.append(row)
         if run is not None:
-            run.log_metrics(len(rows), row_scalars(job, row, tasks))
+            run.log_metrics(len(rows), row_scalars(job, row, inputs.tasks))
         if progress:
             tqdm.write(describe(job, row))
     return rows
@@ -320,13 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     make = ModelFactory(bundle.in_channels, bundle.image_size)
+    inputs = MatrixInputs(datasets, bundle.test, bundle.tasks, make, config)
     failed: list[str] = []
     if args.ray:
-        rows, failed = _run_on_ray(
-            args, cells, datasets, bundle.test, bundle.tasks, make, config, run
-        )
+        rows, failed = _run_on_ray(args, cells, inputs, run)
     else:
-        rows = run_matrix(cells, datasets, bundle.test, bundle.tasks, make, config, run)
+        rows = run_matrix(cells, inputs, run)
     run.write_text("matrix.csv", to_csv(rows))
     table = to_markdown(rows)
     run.write_text("matrix.md", table)
@@ -351,30 +351,21 @@ class ModelFactory:
 
 
 def _run_on_ray(
-    args: argparse.Namespace,
-    cells: Sequence[Cell],
-    datasets: dict[str, Dataset],
-    test: Dataset,
-    tasks: Sequence[TaskSpec],
-    make: ModelFactory,
-    config: TrainConfig,
-    run: RunDir,
+    args: argparse.Namespace, cells: Sequence[Cell], inputs: MatrixInputs, run: RunDir
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every job as a Tune trial; the finished rows in table order (logged as in a local run)
     and one line per failed job."""
     from raymtl.scale.matrix import TrialResources, run_jobs_as_trials
 
-    jobs = matrix_jobs(cells, list(datasets))
+    jobs = matrix_jobs(cells, list(inputs.datasets))
     resources = TrialResources(args.cpus_per_cell, args.gpus_per_cell, args.max_concurrent)
     storage = str(run.path.resolve() / "tune")
-    results, failed = run_jobs_as_trials(
-        jobs, datasets, test, tasks, make, config, storage, resources, args.address
-    )
+    results, failed = run_jobs_as_trials(jobs, inputs, storage, resources, args.address)
     rows = []
     for job, row in zip(jobs, results, strict=True):
         if row is not None:
             rows.append(row)
-            run.log_metrics(len(rows), row_scalars(job, row, tasks))
+            run.log_metrics(len(rows), row_scalars(job, row, inputs.tasks))
     return rows, failed
 
 

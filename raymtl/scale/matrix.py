@@ -2,27 +2,24 @@
 Ray Tune trial (a grid over the jobs), so a cluster trains the victims side by side.
 
 A trial runs the core's ``run_job`` in its own process with the CPUs (and GPUs) it was given;
-the training sets, the test set and the model factory go to the object store once
-(``tune.with_parameters``). Rows come back in table order; a failed job is named, not dropped
-silently.
+the shared ``MatrixInputs`` (training sets, test set, model factory, recipe) go to the object
+store once (``tune.with_parameters``). Rows come back in table order; a failed job is named,
+not dropped silently.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 from ray import tune
-from torch.utils.data import Dataset
 
-from raymtl.engine import TrainConfig
-from raymtl.matrix import Job, run_job
-from raymtl.tasks import TaskSpec
+from raymtl.matrix import Job, MatrixInputs, run_job
 from raymtl.tune.runner import default_max_concurrent, start_ray
 
 JOB_KEY = "job"
@@ -41,18 +38,13 @@ class TrialResources:
 def _trainable(
     config: dict[str, Any],
     jobs: Sequence[Job] = (),
-    datasets: dict[str, Dataset] | None = None,
-    test: Dataset | None = None,
-    tasks: Sequence[TaskSpec] = (),
-    make_model: Callable[[str, list[TaskSpec]], Any] | None = None,
-    base: TrainConfig | None = None,
+    inputs: MatrixInputs | None = None,
     threads: int = 1,
 ) -> None:
     """One trial: train and evaluate one job's victim, report its row."""
+    assert inputs is not None
     torch.set_num_threads(threads)
-    job = jobs[int(config[JOB_KEY])]
-    assert datasets is not None and base is not None and make_model is not None
-    row = run_job(job, datasets[job.data], test, tasks, make_model, base)
+    row = run_job(jobs[int(config[JOB_KEY])], inputs)
     tune.report(
         {"mean_score": row["mean_score"], "seconds": row["seconds"], ROW_KEY: json.dumps(row)}
     )
@@ -60,11 +52,7 @@ def _trainable(
 
 def run_jobs_as_trials(
     jobs: Sequence[Job],
-    datasets: dict[str, Dataset],
-    test: Dataset,
-    tasks: Sequence[TaskSpec],
-    make_model: Callable[[str, list[TaskSpec]], Any],
-    base: TrainConfig,
+    inputs: MatrixInputs,
     storage_path: str,
     resources: TrialResources,
     address: str | None = None,
@@ -77,11 +65,7 @@ def run_jobs_as_trials(
             tune.with_parameters(
                 _trainable,
                 jobs=list(jobs),
-                datasets=datasets,
-                test=test,
-                tasks=list(tasks),
-                make_model=make_model,
-                base=base,
+                inputs=inputs,
                 threads=max(1, int(resources.cpus)),
             ),
             {"cpu": resources.cpus, "gpu": resources.gpus},
