@@ -110,7 +110,11 @@ def test_matrix_on_ray_runs_one_trial_per_job_with_the_local_rows(tmp_path, ray_
     local, on_ray = _rows_without_time(tmp_path / "local"), _rows_without_time(ray_run)
     assert len(on_ray) == 3
     assert on_ray == local  # same cells, same order, same scores: every victim seeded alike
-    trials = [p for p in (ray_run / "tune" / "matrix").iterdir() if p.is_dir()]
-    assert len(trials) == 3
+    trials = sorted(p.name for p in (ray_run / "tune" / "matrix").iterdir() if p.is_dir())
+    assert trials == [
+        "000-small_cnn-mtl-ls-none-clean",
+        "001-small_cnn-mtl-uw-none-clean",
+        "002-small_cnn-stl-none-clean",
+    ]
     assert len((ray_run / "matrix.md").read_text().strip().splitlines()) == 2 + 3
     assert list((ray_run / "tensorboard").glob("events.out.tfevents.*"))

@@ -50,6 +50,16 @@ def _trainable(
     )
 
 
+def trial_name(jobs: Sequence[Job], index: int) -> str:
+    """A trial's name (and folder): its job number, cell and training set, e.g.
+    ``003-small_cnn-mtl-uw-jpeg-protected``."""
+    job = jobs[index]
+    cell = job.cell
+    parts = [f"{index:03d}", cell.backbone, cell.mode]
+    parts += [cell.weighting] if cell.mode == "mtl" else []  # STL has no task weighting
+    return "-".join([*parts, cell.defence, job.data])
+
+
 def run_jobs_as_trials(
     jobs: Sequence[Job],
     inputs: MatrixInputs,
@@ -76,6 +86,8 @@ def run_jobs_as_trials(
             param_space={JOB_KEY: tune.grid_search(list(range(len(jobs))))},
             tune_config=tune.TuneConfig(
                 num_samples=1,
+                trial_name_creator=lambda trial: trial_name(jobs, int(trial.config[JOB_KEY])),
+                trial_dirname_creator=lambda trial: trial_name(jobs, int(trial.config[JOB_KEY])),
                 max_concurrent_trials=resources.max_concurrent
                 or default_max_concurrent(resources.cpus, resources.gpus),
             ),
