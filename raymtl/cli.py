@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
 import sys
 from typing import Any, NoReturn
 
@@ -133,6 +134,22 @@ def format_task_table(per_task: dict[str, dict[str, float]], tasks: list[TaskSpe
         text = ", ".join(f"{m}={values[m]:.4f}" for m in ordered if m in values)
         lines.append(f"| {task.name} | {task.kind} | {text} |")
     return "\n".join(lines)
+
+
+def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
+    """ConfigError unless ``--address`` is 'auto', a ``ray://`` URI or a HOST:PORT that accepts a
+    connection: Ray itself retries an unreachable address for minutes before it gives up."""
+    if address is None or address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address must be 'auto' or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(
+            f"--address {address}: no Ray cluster answers there ({err.strerror or err})"
+        ) from None
 
 
 def run_main(main: Any, prog: str) -> None:

@@ -24,6 +24,7 @@ from raymtl.cli import (
     add_data_arguments,
     add_training_arguments,
     check_names,
+    check_ray_address,
     data_options,
     nonnegative_float,
     positive_float,
@@ -284,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # models built before training start from the same weights
     if args.defence is not None or args.defence_option:
         raise ConfigError("the matrix takes its defences from --defences (each at its defaults)")
+    if args.address is not None and not args.ray:
+        raise ConfigError("--address attaches the --ray run to a cluster; add --ray")
+    check_ray_address(args.address)
     cells = matrix_cells(
         _names(args.backbones), _names(args.weightings), _names(args.modes), _names(args.defences)
     )

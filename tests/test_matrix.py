@@ -1,6 +1,7 @@
 """The victim matrix: cells, names checked up front, one table row per cell."""
 
 import csv
+import socket
 
 import numpy as np
 import pytest
@@ -88,6 +89,22 @@ def test_matrix_cli_bad_name_is_one_line_status_2(tmp_path):
         "python -m raymtl.matrix: error: unknown defence 'blur'; available: bdr, grayscale, jpeg, pgd_at"
     ]
     assert not run.exists()
+
+
+def test_matrix_cli_refuses_an_unreachable_address_before_writing_anything(tmp_path, run_command):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "run"
+    for args, expected in [
+        (["--ray", "--address", f"127.0.0.1:{port}"], f"--address 127.0.0.1:{port}: no Ray"),
+        (["--address", "auto"], "--address attaches the --ray run to a cluster; add --ray"),
+    ]:
+        proc = run_command("raymtl.matrix", *TINY, *args, "--run-dir", run)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
+        assert not run.exists()
 
 
 def _rows_without_time(run_dir):

@@ -1,7 +1,9 @@
 """``python -m raymtl.tune``: a real (tiny) Optuna + ASHA study on the session's Ray cluster."""
 
 import csv
+import functools
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -156,6 +158,14 @@ def _run_tune(*args, cwd):
     )
 
 
+@functools.cache
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -169,6 +179,11 @@ def _run_tune(*args, cwd):
         (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
         (["--storage", "relative/dir"], "--storage must be an absolute path or a URI"),
         (["mtlue-typo"], "argument study: invalid choice: 'mtlue-typo'"),
+        (["--address", "nowhere"], "--address must be 'auto' or HOST:PORT, got 'nowhere'"),
+        (
+            ["--address", f"127.0.0.1:{closed_port()}"],
+            f"--address 127.0.0.1:{closed_port()}: no Ray cluster answers there",
+        ),
     ],
 )
 def test_tune_cli_bad_input_is_one_line_status_2_and_writes_nothing(

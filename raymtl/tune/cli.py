@@ -15,6 +15,7 @@ from raymtl.cli import (
     add_data_arguments,
     add_model_arguments,
     check_names,
+    check_ray_address,
     data_options,
     nonnegative_float,
     positive_float,
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace, study: Study) -> None:
+    check_ray_address(args.address)
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
