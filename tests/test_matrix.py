@@ -135,3 +135,28 @@ def test_matrix_on_ray_runs_one_trial_per_job_with_the_local_rows(tmp_path, ray_
     ]
     assert len((ray_run / "matrix.md").read_text().strip().splitlines()) == 2 + 3
     assert list((ray_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_failing_matrix_trial_is_named_and_the_others_keep_their_rows(tmp_path, ray_cluster):
+    from raymtl.data.base import MultiTaskArrays
+    from raymtl.engine import TrainConfig
+    from raymtl.matrix import MatrixInputs, ModelFactory, matrix_jobs
+    from raymtl.scale.matrix import TrialResources, run_jobs_as_trials
+
+    bundle = build_dataset("synthetic", n_train=48, n_test=16, image_size=16)
+    train = bundle.train
+    first = bundle.tasks[0].name
+    broken = MultiTaskArrays(  # one task's labels missing: training it fails
+        train.images, {k: v for k, v in train.targets.items() if k != first}, train.ids, "train"
+    )
+    datasets = {"clean": train, "broken": broken}
+    cells = matrix_cells(["small_cnn"], ["ls"], ["mtl"], ["none"])
+    inputs = MatrixInputs(
+        datasets, bundle.test, bundle.tasks, ModelFactory(3, 16), TrainConfig(epochs=1)
+    )
+    jobs = matrix_jobs(cells, list(datasets))
+    rows, errors = run_jobs_as_trials(
+        jobs, inputs, str(tmp_path / "tune"), TrialResources(cpus=1, max_concurrent=2)
+    )
+    assert rows[0] is not None and rows[0]["data"] == "clean" and rows[1] is None
+    assert len(errors) == 1 and errors[0].startswith("small_cnn/mtl/ls/none [broken]: ")
