@@ -36,13 +36,9 @@ class TrialResources:
 
 
 def _trainable(
-    config: dict[str, Any],
-    jobs: Sequence[Job] = (),
-    inputs: MatrixInputs | None = None,
-    threads: int = 1,
+    config: dict[str, Any], *, jobs: Sequence[Job], inputs: MatrixInputs, threads: int
 ) -> None:
     """One trial: train and evaluate one job's victim, report its row."""
-    assert inputs is not None
     torch.set_num_threads(threads)
     row = run_job(jobs[int(config[JOB_KEY])], inputs)
     tune.report(
