@@ -88,3 +88,31 @@ def test_generator_loop_on_two_workers_stores_every_delta_within_epsilon(
     accumulator = _scalars(tmp_path / "tb")
     assert "generator/base_loss" in accumulator.Tags()["scalars"]
     assert accumulator.Tags()["images"]  # x | δ amplified | x+δ grid
+
+
+@pytest.mark.parametrize("user_value", [None, "3"])
+def test_train_runs_poll_their_workers_every_half_second_unless_the_user_says_otherwise(
+    monkeypatch, user_value
+):
+    """Ray's 2 s default makes every short Train job end ~3 s late; a value the user exported
+    is kept. The environment is what Ray hands on to the controller when the trainer starts."""
+    from raymtl.scale import train as scale_train
+
+    if user_value is None:
+        monkeypatch.delenv(scale_train.POLL_INTERVAL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(scale_train.POLL_INTERVAL_ENV, user_value)
+    seen = {}
+
+    class RecordingTrainer:
+        def __init__(self, *args, **kwargs):
+            seen["interval"] = scale_train.os.environ.get(scale_train.POLL_INTERVAL_ENV)
+
+        def fit(self):
+            return "result"
+
+    monkeypatch.setattr(scale_train, "TorchTrainer", RecordingTrainer)
+    monkeypatch.setattr(scale_train.ray, "put", lambda value: value)
+    workers = scale_train.WorkerSpec(1, 1.0)
+    assert scale_train._fit(lambda c: None, {"data": {}}, workers, "n", "/tmp/s", 0) == "result"
+    assert seen["interval"] == (user_value or scale_train.DEFAULT_POLL_INTERVAL_S)
