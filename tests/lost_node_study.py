@@ -50,6 +50,7 @@ def main(run_dir: str) -> None:
     remover.start()
     args = ["unlearn", "--n-train", "120", "--n-test", "48", "--image-size", "16"]
     args += ["--epochs", "2", "--num-samples", "4", "--forget-fraction", "0.1"]
+    args += ["--search-space", str(Path(__file__).parent / "quick_unlearn_space.yaml")]
     args += ["--address", cluster.address, "--storage", storage.as_uri()]
     status = tune([*args, "--run-dir", str(Path(run_dir) / "run")])
     remover.join(timeout=5)

@@ -18,6 +18,7 @@ from raymtl.tune.study import pareto_front
 
 pytestmark = pytest.mark.ray
 
+QUICK_UNLEARN_SPACE = Path(__file__).parent / "quick_unlearn_space.yaml"
 TINY_DATA = ["--n-train", "120", "--n-test", "48", "--image-size", "16"]
 
 
@@ -86,6 +87,7 @@ def test_killed_unlearn_study_resumes_without_rerunning_finished_trials(ray_clus
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "raymtl.tune", "unlearn", *TINY_DATA, "--epochs", "2"]
     command += ["--num-samples", "4", "--max-concurrent", "1", "--forget-fraction", "0.1"]
+    command += ["--search-space", str(QUICK_UNLEARN_SPACE)]  # seconds per trial
     command += ["--run-dir", str(run_dir)]
     command += ["--address", address]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
