@@ -45,7 +45,7 @@ def test_a_worker_killed_mid_training_is_replaced_and_resumes_from_the_last_chec
         "train": TrainConfig(epochs=epochs, batch_size=32, weighting="pcgrad").to_dict(),
         "tensorboard_dir": str(tmp_path / "tb"),
         # rank 1 dies in the middle of epoch 3 (before its fifth of eight batches)
-        "fault": {"epoch": 3, "batch": 4, "marker": str(marker), "rank": 1},
+        "fault": {"epoch": 3, "batch": 4, "after_s": 1, "marker": str(marker), "rank": 1},
     }
     result = train_victim(loop, WorkerSpec(2, 0.5), "fault", str(tmp_path / "storage"))
     assert result.error is None
@@ -88,6 +88,47 @@ def test_generator_loop_on_two_workers_stores_every_delta_within_epsilon(
     accumulator = _scalars(tmp_path / "tb")
     assert "generator/base_loss" in accumulator.Tags()["scalars"]
     assert accumulator.Tags()["images"]  # x | δ amplified | x+δ grid
+
+
+def test_protect_then_verify_in_one_job_resumes_a_lost_victim_epoch_without_new_generator_epochs(
+    ray_cluster, tiny, tmp_path
+):
+    """The mtlue study's trial job: generator, then a victim on the δ it made. A worker that dies
+    in victim epoch 2 comes back to epoch 1's checkpoint, and δ comes from the finished generator
+    held in that checkpoint: the generator's TensorBoard shows each of its epochs exactly once."""
+    from raymtl.scale.train import WorkerSpec, protect_and_verify
+
+    marker = tmp_path / "killed.txt"
+    loop = {
+        "data": {"train": tiny.train, "test": tiny.test},
+        "tasks": tiny.tasks,
+        "in_channels": 3,
+        "image_size": 16,
+        "protect": ProtectConfig(base="em", epsilon=6 / 255, epochs=2, batch_size=32, width=8),
+        "tensorboard_dir": str(tmp_path / "generator"),
+        "victim": {
+            "tasks": tiny.tasks,
+            "backbone": "small_cnn",
+            "backbone_options": {"width": 8},
+            "in_channels": 3,
+            "image_size": 16,
+            "train": TrainConfig(epochs=3, batch_size=32).to_dict(),
+            "tensorboard_dir": str(tmp_path / "victim"),
+            # 2 s on: by then Train has collected epoch 1's report (it polls every 0.5 s)
+            "fault": {"epoch": 2, "batch": 2, "after_s": 2, "marker": str(marker), "rank": 0},
+        },
+    }
+    result = protect_and_verify(loop, WorkerSpec(1, 1.0), "trial", str(tmp_path / "storage"))
+    assert result.error is None
+    assert marker.exists()  # the fault really happened
+    metrics = result.metrics
+    assert metrics["epoch"] == 3 and metrics["resumed_from_epoch"] == 1
+    assert metrics["generator_epochs_run"] == 2
+    assert 0 < metrics["linf_255"] <= 6
+    assert 0 <= metrics["test/mean_score"] <= 1
+    generator = _scalars(tmp_path / "generator")
+    assert [e.step for e in generator.Scalars("generator/base_loss")] == [1, 2]
+    assert "test/mean_score" in _scalars(tmp_path / "victim").Tags()["scalars"]
 
 
 @pytest.mark.parametrize("user_value", [None, "3"])

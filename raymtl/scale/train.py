@@ -40,6 +40,7 @@ from raymtl.engine import (
 )
 from raymtl.models import create_model
 from raymtl.protect.run import ProtectConfig, protect_mtlue
+from raymtl.protect.store import with_deltas
 from raymtl.tasks import TaskSpec
 from raymtl.weighting import create_weighting
 
@@ -125,12 +126,15 @@ def _resume_state() -> dict[str, Any] | None:
 
 def _maybe_fail(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
     """Fault injection for tests: worker ``fault['rank']`` dies once (the process exits) in
-    ``fault['epoch']``; a marker file makes sure it happens only once."""
+    ``fault['epoch']``, ``fault['after_s']`` seconds (default 0) after it got there; a marker file
+    makes sure it happens only once. Train's controller collects a worker's reports when it polls
+    (every 0.5 s here), so a worker that dies just after reporting loses that report."""
     if not fault or epoch != fault["epoch"] or rank != fault.get("rank", 0):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    time.sleep(float(fault.get("after_s", 0)))
     marker.write_text(f"worker {rank} killed in epoch {epoch}\n")
     os._exit(1)
 
@@ -210,11 +214,26 @@ def victim_loop(config: dict[str, Any]) -> None:
     ``config``: data (an object ref of {'train', 'val', 'test'} splits; train is ignored when the
     trainer got a Ray Dataset 'train'), tasks, backbone, in_channels, image_size, train
     (TrainConfig.to_dict()), and optionally tensorboard_dir, extra_metrics, fault."""
-    train_config = train_config_from(config["train"])
     sync, device = _worker_setup(config.get("threads", 1))
-    splits = (
-        ray.get(config["data"]) if isinstance(config["data"], ray.ObjectRef) else config["data"]
-    )
+    _train_victim_epochs(config, _fetch(config["data"]), sync, device, _resume_state())
+
+
+def _fetch(data: Any) -> Any:
+    """The loop's data, from the object store when the driver put it there."""
+    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
+
+
+def _train_victim_epochs(
+    config: dict[str, Any],
+    splits: dict[str, Any],
+    sync: GradientSync,
+    device: torch.device,
+    state: dict[str, Any] | None,
+    checkpoint_extra: dict[str, Any] | None = None,
+) -> None:
+    """The victim loop's epochs from ``state`` (an earlier attempt's checkpoint, or None);
+    every rank-0 checkpoint also carries ``checkpoint_extra``."""
+    train_config = train_config_from(config["train"])
     tasks: list[TaskSpec] = config["tasks"]
     torch.manual_seed(train_config.seed)  # the same initial weights on every rank and run
     model = create_model(
@@ -249,7 +268,6 @@ def victim_loop(config: dict[str, Any]) -> None:
     )
     sync.broadcast_(model)
     first_epoch, resumed_from = 1, 0
-    state = _resume_state()
     if state is not None:
         model.load_state_dict(state["model"])
         weighting.load_state_dict(state["weighting"])
@@ -304,6 +322,7 @@ def victim_loop(config: dict[str, Any]) -> None:
                     "image_size": config["image_size"],
                     "backbone_options": config.get("backbone_options", {}),
                 },
+                **(checkpoint_extra or {}),
             }
         _report(metrics, checkpoint, sync.rank)
     if writer is not None:
@@ -381,16 +400,41 @@ def generator_loop(config: dict[str, Any]) -> None:
     the base's surrogate or ensemble on every rank; rank 0 checkpoints every epoch, logs losses and
     every ``image_every`` epochs a grid of x, δ (amplified) and x+δ, and finally stores every δ."""
     sync, device = _worker_setup(config.get("threads", 1))
-    data = ray.get(config["data"]) if isinstance(config["data"], ray.ObjectRef) else config["data"]
-    train: MultiTaskArrays = data["train"]
+    train: MultiTaskArrays = _fetch(config["data"])["train"]
+    result, _ = _train_generator_epochs(
+        config, train, sync, device, _resume_state(), compute_deltas=sync.rank == 0
+    )
+    # The final report carries every δ (rank 0); every rank reports once more (barrier).
+    final = {"epoch": len(result.log), "generator/done": 1}
+    if sync.rank == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            np.save(Path(folder) / "ids.npy", result.ids)
+            np.save(Path(folder) / "deltas.npy", result.deltas)
+            ray.train.report(final, checkpoint=Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(final)
+
+
+def _train_generator_epochs(
+    config: dict[str, Any],
+    train: MultiTaskArrays,
+    sync: GradientSync,
+    device: torch.device,
+    resume_state: dict[str, Any] | None,
+    compute_deltas: bool,
+) -> tuple[Any, dict[str, Any] | None]:
+    """The generator loop's epochs from ``resume_state``: (ProtectResult, the last epoch's state,
+    which is ``resume_state`` itself when that run had already finished)."""
     protect_config: ProtectConfig = config["protect"]
     protect_config = replace(protect_config, device=str(device))
     writer = _tensorboard(config.get("tensorboard_dir"), sync.rank)
     preview = train.__getitems__(list(range(min(8, len(train)))))
     image_every = int(config.get("image_every", 5))
+    last = {"state": resume_state}
 
     def hook(state: dict[str, Any], perturb: Any) -> None:
         epoch = state["epoch"]
+        last["state"] = state
         row = state["log"][-1]
         metrics = {f"generator/{k}": v for k, v in row.items() if k != "epoch"}
         metrics["epoch"] = epoch
@@ -415,22 +459,14 @@ def generator_loop(config: dict[str, Any]) -> None:
         protect_config,
         progress=False,
         sync=sync,
-        resume_state=_resume_state(),
+        resume_state=resume_state,
         epoch_hook=hook,
-        compute_deltas=sync.rank == 0,
+        compute_deltas=compute_deltas,
         clean_models=config.get("clean_models"),
     )
-    # The final report carries every δ (rank 0); every rank reports once more (barrier).
-    final = {"epoch": len(result.log), "generator/done": 1}
-    if sync.rank == 0:
-        with tempfile.TemporaryDirectory() as folder:
-            np.save(Path(folder) / "ids.npy", result.ids)
-            np.save(Path(folder) / "deltas.npy", result.deltas)
-            ray.train.report(final, checkpoint=Checkpoint.from_directory(folder))
-    else:
-        ray.train.report(final)
     if writer is not None:
         writer.close()
+    return result, last["state"]
 
 
 def train_generator(
@@ -446,3 +482,41 @@ def train_generator(
         ids = np.load(Path(folder) / "ids.npy")
         deltas = np.load(Path(folder) / "deltas.npy")
     return ids, deltas, result
+
+
+def protect_and_verify_loop(config: dict[str, Any]) -> None:
+    """train_loop_per_worker: an MTL-UE generator (``generator_loop``'s keys), then a fresh victim
+    (``config['victim']``, a ``victim_loop`` configuration) on the training split it protects,
+    evaluated on the clean test split, in one worker group. One Train job instead of two saves a
+    job's start-up (~30 CPU-seconds on a 2-core machine). Victim checkpoints carry the finished
+    generator's state: a restart in the victim phase recomputes δ, never retrains the generator."""
+    sync, device = _worker_setup(config.get("threads", 1))
+    data = _fetch(config["data"])
+    state = _resume_state()
+    victim_state = state if state is not None and state.get("phase") == "victim" else None
+    generator_state = victim_state["generator"] if victim_state is not None else state
+    generated, final_state = _train_generator_epochs(
+        config, data["train"], sync, device, generator_state, compute_deltas=True
+    )
+    protected = with_deltas(data["train"], generated.ids, generated.deltas)
+    victim = dict(config["victim"])
+    victim["extra_metrics"] = {
+        **victim.get("extra_metrics", {}),
+        "linf_255": int(np.abs(generated.deltas).max()) if generated.deltas.size else 0,
+        "generator_epochs_run": len(generated.log),
+    }
+    splits = {"train": protected, "val": None, "test": data["test"]}
+    extra = {"phase": "victim", "generator": final_state}
+    _train_victim_epochs(victim, splits, sync, device, victim_state, extra)
+
+
+def protect_and_verify(
+    loop_config: dict[str, Any],
+    workers: WorkerSpec,
+    name: str,
+    storage_path: str,
+    max_failures: int = 2,
+) -> ray.train.Result:
+    """Run ``protect_and_verify_loop``; ``loop_config['data']`` holds the 'train' and 'test'
+    splits. The result's metrics are the victim's last epoch, with the δ bound it met."""
+    return _fit(protect_and_verify_loop, loop_config, workers, name, storage_path, max_failures)

@@ -1,7 +1,7 @@
 """The ``mtlue`` study: λ1, λ2, ε and the base loss of MTL-UE, two objectives.
 
-One trial = one Ray Train job that trains the generator (``generator_loop``) and one that trains a
-fresh victim on the protected training split (``victim_loop``); the trial reports the victim's
+One trial = one Ray Train job (``protect_and_verify_loop``) that trains the generator and then a
+fresh victim on the protected training split, in one worker group; the trial reports the victim's
 clean-test mean score (mean balanced accuracy on classification tasks) and ε. Optuna's
 multi-objective TPE minimises both; the study saves and prints the Pareto front. The clean run
 that TAP and SEP attack is trained once, before the trials, and shared by all of them.
@@ -13,14 +13,11 @@ import argparse
 import math
 from typing import Any, ClassVar
 
-import numpy as np
-
 from raymtl.cli import positive_int
 from raymtl.engine import TrainConfig, fit
 from raymtl.models import create_model
 from raymtl.protect.bases import UE_BASES, SurrogateConfig
 from raymtl.protect.run import ProtectConfig
-from raymtl.protect.store import with_deltas
 from raymtl.registry import Registry
 from raymtl.rundir import RunDir
 from raymtl.tune.study import STUDIES, Study, StudyInputs, pareto_front, to_csv
@@ -123,7 +120,7 @@ class MTLUEStudy(Study):
         import ray
         from ray import tune
 
-        from raymtl.scale.train import train_generator, train_victim
+        from raymtl.scale.train import protect_and_verify
 
         trial_id, trial_dir = trial_names()
         splits = ray.get(data) if isinstance(data, ray.ObjectRef) else data
@@ -141,36 +138,27 @@ class MTLUEStudy(Study):
             seed=settings["seed"],
             surrogate=settings["surrogate"],
         ).validate()
-        ids, deltas, generated = train_generator(
-            {
-                "data": {"train": splits["train"]},
-                "tasks": settings["tasks"],
-                "in_channels": settings["in_channels"],
-                "image_size": settings["image_size"],
-                "protect": protect_config,
-                "clean_models": splits["clean_models"],
-                "tensorboard_dir": f"{trial_dir}/generator",
-            },
-            settings["workers"],
-            f"generator-{trial_id}",
-            settings["train_storage"],
-        )
-        protected = with_deltas(splits["train"], ids, deltas)
         victim = TrainConfig(
             epochs=settings["epochs"],
             batch_size=settings["batch_size"],
             device=settings["device"],
             seed=settings["seed"],
         )
-        result = train_victim(
-            victim_loop_config(
-                settings,
-                {"train": protected, "val": None, "test": splits["test"]},
-                victim,
-                f"{trial_dir}/victim",
-            ),
+        victim_config = victim_loop_config(settings, None, victim, f"{trial_dir}/victim")
+        del victim_config["data"]  # the loop protects the training split itself
+        result = protect_and_verify(
+            {
+                "data": {"train": splits["train"], "test": splits["test"]},
+                "tasks": settings["tasks"],
+                "in_channels": settings["in_channels"],
+                "image_size": settings["image_size"],
+                "protect": protect_config,
+                "clean_models": splits["clean_models"],
+                "tensorboard_dir": f"{trial_dir}/generator",
+                "victim": victim_config,
+            },
             settings["workers"],
-            f"victim-{trial_id}",
+            f"trial-{trial_id}",
             settings["train_storage"],
         )
         if result.error:
@@ -178,8 +166,6 @@ class MTLUEStudy(Study):
         metrics = dict(result.metrics)
         metrics[EPSILON] = float(config[EPSILON])
         metrics["clean_score"] = settings["clean_score"]
-        metrics["linf_255"] = int(np.abs(deltas).max()) if deltas.size else 0
-        metrics["generator_epochs_run"] = int((generated.metrics or {}).get("epoch", 0))
         tune.report(metrics)
 
     def resolved(self, inputs: StudyInputs) -> dict[str, Any]:
