@@ -488,8 +488,9 @@ def protect_and_verify_loop(config: dict[str, Any]) -> None:
     """train_loop_per_worker: an MTL-UE generator (``generator_loop``'s keys), then a fresh victim
     (``config['victim']``, a ``victim_loop`` configuration) on the training split it protects,
     evaluated on the clean test split, in one worker group. One Train job instead of two saves a
-    job's start-up (~30 CPU-seconds on a 2-core machine). Victim checkpoints carry the finished
-    generator's state: a restart in the victim phase recomputes δ, never retrains the generator."""
+    job's start-up (34 CPU-s on a 2-core machine: benchmarks/train_startup.py). Victim checkpoints
+    carry the finished generator's state: a restart in the victim phase recomputes δ and does not
+    train the generator again."""
     sync, device = _worker_setup(config.get("threads", 1))
     data = _fetch(config["data"])
     state = _resume_state()
