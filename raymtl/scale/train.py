@@ -215,11 +215,11 @@ def victim_loop(config: dict[str, Any]) -> None:
     trainer got a Ray Dataset 'train'), tasks, backbone, in_channels, image_size, train
     (TrainConfig.to_dict()), and optionally tensorboard_dir, extra_metrics, fault."""
     sync, device = _worker_setup(config.get("threads", 1))
-    _train_victim_epochs(config, _fetch(config["data"]), sync, device, _resume_state())
+    _train_victim_epochs(config, fetch_data(config["data"]), sync, device, _resume_state())
 
 
-def _fetch(data: Any) -> Any:
-    """The loop's data, from the object store when the driver put it there."""
+def fetch_data(data: Any) -> Any:
+    """A loop's or trial's data, from the object store when the driver put it there."""
     return ray.get(data) if isinstance(data, ray.ObjectRef) else data
 
 
@@ -400,7 +400,7 @@ def generator_loop(config: dict[str, Any]) -> None:
     the base's surrogate or ensemble on every rank; rank 0 checkpoints every epoch, logs losses and
     every ``image_every`` epochs a grid of x, δ (amplified) and x+δ, and finally stores every δ."""
     sync, device = _worker_setup(config.get("threads", 1))
-    train: MultiTaskArrays = _fetch(config["data"])["train"]
+    train: MultiTaskArrays = fetch_data(config["data"])["train"]
     result, _ = _train_generator_epochs(
         config, train, sync, device, _resume_state(), compute_deltas=sync.rank == 0
     )
@@ -492,7 +492,7 @@ def protect_and_verify_loop(config: dict[str, Any]) -> None:
     carry the finished generator's state: a restart in the victim phase recomputes δ and does not
     train the generator again."""
     sync, device = _worker_setup(config.get("threads", 1))
-    data = _fetch(config["data"])
+    data = fetch_data(config["data"])
     state = _resume_state()
     victim_state = state if state is not None and state.get("phase") == "victim" else None
     generator_state = victim_state["generator"] if victim_state is not None else state

@@ -117,13 +117,12 @@ class MTLUEStudy(Study):
 
     @staticmethod
     def trainable(config: dict[str, Any], data: Any = None, settings: Any = None) -> None:
-        import ray
         from ray import tune
 
-        from raymtl.scale.train import protect_and_verify
+        from raymtl.scale.train import fetch_data, protect_and_verify
 
         trial_id, trial_dir = trial_names()
-        splits = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+        splits = fetch_data(data)
         epsilon = float(config[EPSILON]) / 255
         protect_config = ProtectConfig(
             method="mtlue",
