@@ -49,35 +49,89 @@ def test_pareto_front_keeps_exactly_the_non_dominated_trials():
     assert [(r["score"], r["eps"]) for r in front] == [(0.4, 16), (0.5, 8), (0.6, 4)]
 
 
-def test_mtlue_study_saves_and_prints_a_pareto_front(ray_cluster, tmp_path, capsys):
-    from raymtl.tune.cli import main
+def _victim_checkpoint_registered(train_storage: Path) -> bool:
+    """Whether a trial's Train run has registered a checkpoint of its victim phase (victim
+    reports carry ``resumed_from_epoch``; generator reports do not)."""
+    for snapshot in train_storage.glob("trial-*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):  # being written: look again
+            continue
+        if any("resumed_from_epoch" in r.get("metrics", {}) for r in results):
+            return True
+    return False
 
+
+def _scalar_steps(folder: Path, tag: str) -> list[int]:
+    """The steps of ``tag`` over every TensorBoard events file in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for event_file in sorted(folder.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            steps += [e.step for e in accumulator.Scalars(tag)]
+    return sorted(steps)
+
+
+def test_mtlue_study_killed_in_a_victim_phase_resumes_its_train_run_and_prints_the_front(
+    ray_cluster, tmp_path
+):
+    """The mtlue study in a subprocess, killed (SIGKILL) once its trial's Train job has
+    checkpointed a victim epoch, then finished with --resume: the restarted trial continues
+    that Train run from the victim checkpoint (the generator is not trained again) and the study
+    saves and prints its Pareto front and the HParams dashboard."""
+    address = ray_cluster.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
-    args = ["mtlue", *TINY_DATA, "--num-samples", "1", "--epochs", "1"]
-    args += ["--generator-epochs", "1", "--clean-epochs", "1", "--run-dir", str(run_dir)]
-    assert main(args) == 0
+    command = [sys.executable, "-m", "raymtl.tune", "mtlue", "--n-train", "400", "--n-test", "48"]
+    command += ["--image-size", "16", "--num-samples", "1", "--epochs", "10"]
+    command += ["--generator-epochs", "2", "--clean-epochs", "1", "--run-dir", str(run_dir)]
+    command += ["--address", address]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    experiment = run_dir / "tune" / "mtlue"
+    log_path = tmp_path / "study.log"
+    with open(log_path, "wb") as log:  # a file, not an undrained pipe (see the unlearn test)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while (
+        not _victim_checkpoint_registered(run_dir / "tune" / "train")
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert _victim_checkpoint_registered(run_dir / "tune" / "train")
+    assert not (run_dir / "results.csv").exists()
+
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(run_dir)
     assert len(rows) == 1 and rows[0]["status"] == "completed"
     assert {"lambda1", "lambda2", "generator_lr", "epsilon_255", "base", "test/mean_score"} <= set(
         rows[0]
     )
     assert float(rows[0]["generator_lr"]) == 0.01  # the search space's default trial
+    (trial_dir,) = experiment.glob("trainable_*")
+    reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert len(reported) == 1  # the killed attempt never reported
+    final = reported[0]
+    assert final["epoch"] == 10 and final["resumed_from_epoch"] >= 1
+    assert final["generator_epochs_run"] == 2
+    # the generator's epochs were each trained (and logged) once, by the killed attempt
+    assert _scalar_steps(trial_dir / "generator", "generator/base_loss") == [1, 2]
     pareto = json.loads((run_dir / "pareto.json").read_text())
     assert 0 <= pareto["clean_score"] <= 1 and len(pareto["front"]) == 1
     assert (run_dir / "pareto.png").read_bytes().startswith(b"\x89PNG")
-    printed = capsys.readouterr().out
-    assert "Pareto front (" in printed and "| generator lr |" in printed
-    trial_events = [
-        f
-        for f in (run_dir / "tune" / "mtlue").rglob("events.out.tfevents.*")
-        if f.parent.parent.name == "mtlue"
-    ]
-    assert len(trial_events) == 1
-    names, metrics = _hparams(trial_events[0])
+    assert "Pareto front (" in resumed.stdout and "| generator lr |" in resumed.stdout
+    trial_events = sorted(trial_dir.glob("events.out.tfevents.*"))
+    names, metrics = _hparams(trial_events[-1])  # the attempt that finished
     assert {"lambda1", "lambda2", "generator_lr", "epsilon_255", "base"} <= names
     assert {"ray/tune/test/mean_score", "ray/tune/epsilon_255"} <= metrics
-    # each trial's generator run wrote its own TensorBoard events (losses and image grids)
-    assert list((run_dir / "tune" / "mtlue").rglob("generator/events.out.tfevents.*"))
 
 
 def test_killed_unlearn_study_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
