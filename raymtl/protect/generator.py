@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from raymtl.errors import ConfigError
@@ -31,6 +30,8 @@ EMBEDDING_CHANNELS = 16
 
 def _encoder(in_channels: int, large_input: bool, width: int) -> nn.Sequential:
     """ResNet-18 stem + layer1 + layer2 (2·width channels), at H/2 (small) or H/8 (large)."""
+    import torchvision  # here, not at the top: see raymtl.models.backbones._torchvision_models
+
     net = torchvision.models.resnet18(weights=None)
     block = torchvision.models.resnet.BasicBlock
     net.inplanes = width

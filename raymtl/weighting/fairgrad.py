@@ -3,7 +3,6 @@
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.optimize import least_squares
 from torch import Tensor
 
 from raymtl.weighting.base import WEIGHTINGS, Weighting, weighted_sum
@@ -16,6 +15,8 @@ def fairgrad_weights(grads: Tensor, alpha: float = 1.0) -> np.ndarray:
 
     def residual(w: np.ndarray) -> np.ndarray:
         return gram @ w - np.power(1.0 / w, 1.0 / alpha)
+
+    from scipy.optimize import least_squares  # here: scipy.optimize takes ~0.25 s to import
 
     start = np.ones(k) / k
     return least_squares(residual, start, bounds=(1e-12, np.inf)).x
