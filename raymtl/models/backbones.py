@@ -72,7 +72,7 @@ class _Wrapped(Backbone):
         return self.body(x)
 
 
-def _torchvision_models() -> ModuleType:
+def torchvision_models() -> ModuleType:
     """``torchvision.models``, imported when a torchvision backbone is built: importing
     torchvision loads torch._dynamo (~1.3 s), which a process that builds only the small CNN,
     such as each Ray Train worker of a small-CNN victim, need not pay."""
@@ -86,7 +86,7 @@ def _small_stem(in_channels: int) -> nn.Conv2d:
 
 
 def _resnet(arch: str, in_channels: int, image_size: int) -> Backbone:
-    net = getattr(_torchvision_models(), arch)(weights=None)
+    net = getattr(torchvision_models(), arch)(weights=None)
     if image_size < 128:
         net.conv1, net.maxpool, reduction = _small_stem(in_channels), nn.Identity(), 8
     else:
@@ -113,7 +113,7 @@ def resnet50(in_channels: int = 3, image_size: int = 32) -> Backbone:
 @BACKBONES.register("densenet121")
 def densenet121(in_channels: int = 3, image_size: int = 32) -> Backbone:
     """torchvision DenseNet-121 (random init), small-input stem below 128 px."""
-    net = _torchvision_models().densenet121(weights=None)
+    net = torchvision_models().densenet121(weights=None)
     features = net.features
     if image_size < 128:
         features.conv0 = _small_stem(in_channels)
@@ -130,7 +130,7 @@ def densenet121(in_channels: int = 3, image_size: int = 32) -> Backbone:
 @BACKBONES.register("vgg16")
 def vgg16(in_channels: int = 3, image_size: int = 32) -> Backbone:
     """torchvision VGG-16 with batch norm (random init); the last pooling dropped for small inputs."""
-    features = _torchvision_models().vgg16_bn(weights=None).features
+    features = torchvision_models().vgg16_bn(weights=None).features
     features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
     if image_size < 128:
         return _Wrapped(features[:-1], 512, 16)
@@ -146,7 +146,7 @@ class ViTBackbone(Backbone):
             raise ConfigError(
                 f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}"
             )
-        self.vit = _torchvision_models().VisionTransformer(
+        self.vit = torchvision_models().VisionTransformer(
             image_size=image_size, patch_size=patch_size, num_classes=1, **dims
         )
         if in_channels != 3:

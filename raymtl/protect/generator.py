@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raymtl.errors import ConfigError
+from raymtl.models.backbones import torchvision_models
 from raymtl.models.mtl import to_channels_last
 from raymtl.tasks import IGNORE_INDEX, TaskSpec
 
@@ -30,10 +31,9 @@ EMBEDDING_CHANNELS = 16
 
 def _encoder(in_channels: int, large_input: bool, width: int) -> nn.Sequential:
     """ResNet-18 stem + layer1 + layer2 (2·width channels), at H/2 (small) or H/8 (large)."""
-    import torchvision  # here, not at the top: see raymtl.models.backbones._torchvision_models
-
-    net = torchvision.models.resnet18(weights=None)
-    block = torchvision.models.resnet.BasicBlock
+    models = torchvision_models()
+    net = models.resnet18(weights=None)
+    block = models.resnet.BasicBlock
     net.inplanes = width
     layer1 = net._make_layer(block, width, 2)
     layer2 = net._make_layer(block, 2 * width, 2, stride=2)
