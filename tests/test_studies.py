@@ -140,7 +140,7 @@ def test_killed_unlearn_study_resumes_without_rerunning_finished_trials(ray_clus
     address = ray_cluster.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "raymtl.tune", "unlearn", *TINY_DATA, "--epochs", "2"]
-    command += ["--num-samples", "4", "--max-concurrent", "1", "--forget-fraction", "0.1"]
+    command += ["--num-samples", "3", "--max-concurrent", "1", "--forget-fraction", "0.1"]
     command += ["--search-space", str(QUICK_UNLEARN_SPACE)]  # seconds per trial
     command += ["--run-dir", str(run_dir)]
     command += ["--address", address]
@@ -179,7 +179,7 @@ def test_killed_unlearn_study_resumes_without_rerunning_finished_trials(ray_clus
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = finished_trials()
-    assert 2 <= len(before) < 4, diagnosis()
+    assert len(before) == 2, diagnosis()  # the third not yet finished
     assert not (run_dir / "results.csv").exists()
 
     resumed = subprocess.run(
@@ -187,7 +187,7 @@ def test_killed_unlearn_study_resumes_without_rerunning_finished_trials(ray_clus
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(run_dir)
-    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
     best = json.loads((run_dir / "best.json").read_text())
     assert best["val/uis_mean"] == min(float(r["val/uis_mean"]) for r in rows)
     assert set(best["config"]) == {"rank", "lr", "steps", "alpha"}
