@@ -89,12 +89,15 @@ class DenseLabelEncoder(nn.Module):
         return self.net(F.adaptive_avg_pool2d(dense_label_map(self.task, target), size))
 
 
+def instance_norm(channels: int) -> nn.GroupNorm:
+    """Affine instance normalisation, as GroupNorm with one group per channel: the same
+    statistics and parameters as ``nn.InstanceNorm2d(channels, affine=True)``, but its CPU
+    kernel keeps channels-last tensors channels-last (~5x faster forward; no layout copies)."""
+    return nn.GroupNorm(channels, channels)
+
+
 def _up(cin: int, cout: int) -> list[nn.Module]:
-    return [
-        nn.ConvTranspose2d(cin, cout, 4, 2, 1),
-        nn.InstanceNorm2d(cout, affine=True),
-        nn.ReLU(inplace=True),
-    ]
+    return [nn.ConvTranspose2d(cin, cout, 4, 2, 1), instance_norm(cout), nn.ReLU(inplace=True)]
 
 
 class MTLUEGenerator(nn.Module):
@@ -121,6 +124,7 @@ class MTLUEGenerator(nn.Module):
         if bound not in BOUNDS:
             raise ConfigError(f"unknown bound {bound!r}; available: {', '.join(BOUNDS)}")
         self.tasks, self.epsilon, self.variant, self.bound = list(tasks), epsilon, variant, bound
+        self.width = width
         self.unprotected = set(unprotected)
         large = image_size >= 128
         self.scale = 8 if large else 2
@@ -158,7 +162,7 @@ class MTLUEGenerator(nn.Module):
         )
         self.decoder = nn.Sequential(
             nn.Conv2d(channels, 2 * width, 1),
-            nn.InstanceNorm2d(2 * width, affine=True),
+            instance_norm(2 * width),
             nn.ReLU(inplace=True),
             *ups,
             nn.Conv2d(width if large else 2 * width, in_channels, 3, padding=1),
@@ -183,15 +187,62 @@ class MTLUEGenerator(nn.Module):
                 chosen.append(table[targets[task.name].long()])
         return chosen
 
-    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
-        """δ for a batch, within [-ε, ε] (not added to the images)."""
+    def concatenated_input(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        """The decoder's input as the paper defines it: the chosen embeddings and E(x),
+        concatenated along the channels (``forward`` computes its 1x1 mix without building it)."""
         parts = []
         size = (images.shape[-2] // self.scale, images.shape[-1] // self.scale)
         if self.embeddings is not None:
             parts += self.label_embeddings(targets, len(images), size)
         if self.encoder is not None:
             parts.append(self.encoder(images))
-        raw = self.decoder(torch.cat(parts, dim=1))
+        return torch.cat(parts, dim=1)
+
+    def mixed_input(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        """The decoder's first layer (a 1x1 convolution) applied to ``concatenated_input``,
+        computed part by part: each class embedding is mixed once per batch, and each sample
+        then takes the sum of its classes' mixed embeddings (one matrix product), so the
+        [B, 16·K + 2·width, S, S] concatenation and its per-sample copies are never built."""
+        mix = self.decoder[0]
+        weight = mix.weight.flatten(1)  # [out, in]: the 1x1 kernel
+        batch = len(images)
+        size = (images.shape[-2] // self.scale, images.shape[-1] // self.scale)
+        total = None
+        offset = 0
+        tables, rows = [], []
+        if self.embeddings is not None:
+            for task in self.tasks:
+                part = weight[:, offset : offset + EMBEDDING_CHANNELS]
+                offset += EMBEDDING_CHANNELS
+                if task.dense:
+                    hidden = None if task.name in self.unprotected else targets[task.name]
+                    encoded = self.dense_encoders[task.name](hidden, batch, size)
+                    term = F.conv2d(encoded, part[:, :, None, None])
+                    total = term if total is None else total + term
+                    continue
+                table = self.embeddings[task.name]
+                tables.append(torch.einsum("oc,nchw->nhwo", part, table))  # [C, S, S, out]
+                if task.name in self.unprotected:  # the mean of its class embeddings
+                    rows.append(table.new_full((batch, len(table)), 1 / len(table)))
+                else:
+                    rows.append(F.one_hot(targets[task.name].long(), len(table)).to(table))
+        if tables:
+            mixed = torch.cat(tables).flatten(1)  # [Σ classes, S·S·out]
+            choice = torch.cat(rows, dim=1)  # [B, Σ classes]: which classes each sample adds
+            term = (choice @ mixed).view(batch, *size, -1).permute(0, 3, 1, 2)  # NHWC strides
+            total = term if total is None else total + term
+        if self.encoder is not None:
+            part = weight[:, offset : offset + 2 * self.width]
+            term = F.conv2d(self.encoder(images), part[:, :, None, None])
+            total = term if total is None else total + term
+        return total + mix.bias.view(1, -1, 1, 1)
+
+    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        """δ for a batch, within [-ε, ε] (not added to the images)."""
+        return self.bounded(self.decoder[1:](self.mixed_input(images, targets)), images)
+
+    def bounded(self, raw: Tensor, images: Tensor) -> Tensor:
+        """The decoder's output at the images' size, bounded to [-ε, ε] (ε·tanh or the clamp)."""
         if raw.shape[-2:] != images.shape[-2:]:
             raw = F.interpolate(raw, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if self.bound == "tanh":
