@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from raymtl.data import build_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_format  # a sibling script in benchmarks/, not a package
+
 from raymtl.models import create_model
 from raymtl.protect.bases import mean_output_loss
 from raymtl.protect.generator import MTLUEGenerator
@@ -46,19 +50,11 @@ def concatenated(generator: MTLUEGenerator, images: Tensor, targets: dict[str, T
 def main(argv: list[str] | None = None) -> list[dict]:
     """Time both forms of the δ pass and of a training step, interleaved over rounds."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=32)
+    memory_format.add_timing_arguments(parser, steps=5)  # --steps: timed calls per round
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the two forms")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    bundle = build_dataset(
-        "synthetic", n_train=args.batch_size, n_test=8, image_size=args.image_size, seed=0
-    )
-    batch = bundle.train.__getitems__(list(range(args.batch_size)))
-    images, targets, tasks = batch["image"], batch["targets"], bundle.tasks
+    images, targets, tasks = memory_format.timing_batch(args)
     torch.manual_seed(0)
     generator = MTLUEGenerator(tasks, 3, args.image_size, 8 / 255, "sample", args.width)
     reference = reference_form(generator)

@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from raymtl.data import build_dataset
 from raymtl.models import create_model
 from raymtl.protect.bases import mean_output_loss
 from raymtl.protect.generator import MTLUEGenerator
+from raymtl.tasks import TaskSpec
 
 
 def seconds_per_step(step: Callable[[], None], steps: int) -> float:
@@ -45,21 +46,31 @@ def training_step(
     return step
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Time each model in both layouts and print seconds per step and the speed-up."""
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_timing_arguments(parser: argparse.ArgumentParser, steps: int = 10) -> None:
+    """Threads, batch size, image size and timed steps (shared with generator_mix.py)."""
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--models", default="small_cnn,resnet18,generator")
-    args = parser.parse_args(argv)
+    parser.add_argument("--steps", type=int, default=steps)
+
+
+def timing_batch(args: argparse.Namespace) -> tuple[Tensor, dict[str, Tensor], list[TaskSpec]]:
+    """One synthetic batch (images, targets, tasks) at the options' size; sets the threads."""
     torch.set_num_threads(args.threads)
     bundle = build_dataset(
         "synthetic", n_train=args.batch_size, n_test=8, image_size=args.image_size, seed=0
     )
     batch = bundle.train.__getitems__(list(range(args.batch_size)))
-    images, targets, tasks = batch["image"], batch["targets"], bundle.tasks
+    return batch["image"], batch["targets"], bundle.tasks
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Time each model in both layouts and print seconds per step and the speed-up."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_timing_arguments(parser)
+    parser.add_argument("--models", default="small_cnn,resnet18,generator")
+    args = parser.parse_args(argv)
+    images, targets, tasks = timing_batch(args)
 
     def build(name: str) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
         torch.manual_seed(0)
