@@ -124,7 +124,6 @@ class MTLUEGenerator(nn.Module):
         if bound not in BOUNDS:
             raise ConfigError(f"unknown bound {bound!r}; available: {', '.join(BOUNDS)}")
         self.tasks, self.epsilon, self.variant, self.bound = list(tasks), epsilon, variant, bound
-        self.width = width
         self.unprotected = set(unprotected)
         large = image_size >= 128
         self.scale = 8 if large else 2
@@ -177,8 +176,7 @@ class MTLUEGenerator(nn.Module):
         chosen = []
         for task in self.tasks:
             if task.dense:
-                hidden = None if task.name in self.unprotected else targets[task.name]
-                chosen.append(self.dense_encoders[task.name](hidden, batch, size))
+                chosen.append(self.dense_code(task, targets, batch, size))
                 continue
             table = self.embeddings[task.name]
             if task.name in self.unprotected:
@@ -186,6 +184,13 @@ class MTLUEGenerator(nn.Module):
             else:
                 chosen.append(table[targets[task.name].long()])
         return chosen
+
+    def dense_code(
+        self, task: TaskSpec, targets: dict[str, Tensor], batch: int, size: tuple[int, int]
+    ) -> Tensor:
+        """A dense task's encoded label map (all-zero map when the task is unprotected)."""
+        hidden = None if task.name in self.unprotected else targets[task.name]
+        return self.dense_encoders[task.name](hidden, batch, size)
 
     def concatenated_input(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
         """The decoder's input as the paper defines it: the chosen embeddings and E(x),
@@ -207,7 +212,7 @@ class MTLUEGenerator(nn.Module):
         weight = mix.weight.flatten(1)  # [out, in]: the 1x1 kernel
         batch = len(images)
         size = (images.shape[-2] // self.scale, images.shape[-1] // self.scale)
-        total = None
+        terms = []
         offset = 0
         tables, rows = [], []
         if self.embeddings is not None:
@@ -215,10 +220,8 @@ class MTLUEGenerator(nn.Module):
                 part = weight[:, offset : offset + EMBEDDING_CHANNELS]
                 offset += EMBEDDING_CHANNELS
                 if task.dense:
-                    hidden = None if task.name in self.unprotected else targets[task.name]
-                    encoded = self.dense_encoders[task.name](hidden, batch, size)
-                    term = F.conv2d(encoded, part[:, :, None, None])
-                    total = term if total is None else total + term
+                    code = self.dense_code(task, targets, batch, size)
+                    terms.append(F.conv2d(code, part[:, :, None, None]))
                     continue
                 table = self.embeddings[task.name]
                 tables.append(torch.einsum("oc,nchw->nhwo", part, table))  # [C, S, S, out]
@@ -229,13 +232,11 @@ class MTLUEGenerator(nn.Module):
         if tables:
             mixed = torch.cat(tables).flatten(1)  # [Σ classes, S·S·out]
             choice = torch.cat(rows, dim=1)  # [B, Σ classes]: which classes each sample adds
-            term = (choice @ mixed).view(batch, *size, -1).permute(0, 3, 1, 2)  # NHWC strides
-            total = term if total is None else total + term
-        if self.encoder is not None:
-            part = weight[:, offset : offset + 2 * self.width]
-            term = F.conv2d(self.encoder(images), part[:, :, None, None])
-            total = term if total is None else total + term
-        return total + mix.bias.view(1, -1, 1, 1)
+            terms.append((choice @ mixed).view(batch, *size, -1).permute(0, 3, 1, 2))  # NHWC
+        if self.encoder is not None:  # E(x) takes the kernel's last input channels
+            terms.append(F.conv2d(self.encoder(images), weight[:, offset:, None, None]))
+        # summed in the order the committed figures were measured with, the bias last
+        return sum(terms[1:], terms[0]) + mix.bias.view(1, -1, 1, 1)
 
     def forward(self, images: Tensor, targets: dict[str, Tensor]) -> Tensor:
         """δ for a batch, within [-ε, ε] (not added to the images)."""
