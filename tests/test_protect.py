@@ -328,6 +328,33 @@ def test_an_em_restart_replaces_the_surrogate_and_survives_a_checkpoint(tiny):
         _config(surrogate=replace(TINY_SURROGATE, em_restarts=-1)).validate()
 
 
+def test_a_training_surrogate_perturbs_each_drawn_sample_once_and_as_drawn(tiny, monkeypatch):
+    import raymtl.protect.bases as bases
+
+    calls = []
+    generator = MTLUEGenerator(tiny.tasks, 3, 16, 8 / 255, "sample", 8).eval()
+
+    def perturb(images, targets, ids):
+        calls.append(ids.tolist())
+        return generator(images, targets)
+
+    config = replace(TINY_SURROGATE, em_steps_per_epoch=6)
+    surrogates = []
+    for cache_bytes in (bases.DELTA_CACHE_BYTES, 0):  # cached, then batch by batch
+        monkeypatch.setattr(bases, "DELTA_CACHE_BYTES", cache_bytes)
+        calls.clear()
+        em = bases.UE_BASES.create("em", tiny.tasks, 3, 16, config)
+        em.prepare(tiny.train)
+        em.train_surrogate(perturb, tiny.train, 6)
+        surrogates.append(em.surrogate)
+        perturbed = [i for ids in calls for i in ids]
+        if cache_bytes:  # 6 x 64 draws from 160 samples repeat some: each is perturbed once
+            assert len(perturbed) == len(set(perturbed)) < 6 * 64
+    assert [len(ids) for ids in calls] == [64] * 6  # no room: each batch perturbed as drawn
+    for cached, direct in zip(*(s.parameters() for s in surrogates), strict=True):
+        torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-6)
+
+
 def test_tap_target_labels():
     assert target_labels(TaskSpec("b", "binary"), torch.tensor([0, 1])).tolist() == [1, 0]
     assert target_labels(TaskSpec("m", "multiclass", 5), torch.tensor([0, 3, 4])).tolist() == [

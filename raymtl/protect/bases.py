@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,41 @@ def mean_error(
             predicted = (out.squeeze(1) > 0).long() if t.kind == "binary" else out.argmax(1)
             errors.append((predicted != truth).float().mean())
     return float(torch.stack(errors).mean())
+
+
+DELTA_CACHE_BYTES = 1 << 29  # at most this much δ is held at once while a surrogate trains
+
+
+def batch_deltas(
+    perturb: PerturbFn,
+    train: MultiTaskArrays,
+    draws: Sequence[Tensor],
+    chunk: int = 256,
+    cache_bytes: int | None = None,
+) -> Iterator[Tensor]:
+    """δ of each batch of ``draws`` (index tensors into ``train``), in order. Random batches
+    draw many samples more than once; each distinct sample's δ is computed once, in chunks of
+    ``chunk``, when all of them fit in ``cache_bytes`` (else batch by batch, as drawn)."""
+    cache_bytes = DELTA_CACHE_BYTES if cache_bytes is None else cache_bytes
+    if not draws:
+        return
+    unique, where = torch.unique(torch.cat(draws), return_inverse=True)
+    sample_bytes = train.images[0].numel() * 4
+    if len(unique) * sample_bytes > cache_bytes:
+        for index in draws:
+            batch = train.__getitems__(index.tolist())
+            with torch.no_grad():  # not around the yield: the caller's step needs autograd
+                delta = perturb(batch["image"], batch["targets"], batch["id"])
+            yield delta
+        return
+    parts = []
+    with torch.no_grad():
+        for part in unique.split(chunk):
+            batch = train.__getitems__(part.tolist())
+            parts.append(perturb(batch["image"], batch["targets"], batch["id"]))
+    cached = torch.cat(parts)
+    for rows in where.split([len(index) for index in draws]):
+        yield cached[rows]
 
 
 class UEBase(ABC):
@@ -269,15 +304,17 @@ class ErrorMinimising(UEBase):
         return mean_task_loss(self.surrogate, perturbed, targets, self.tasks)
 
     def train_surrogate(self, perturb: PerturbFn, train: MultiTaskArrays, steps: int) -> None:
-        """``steps`` optimiser steps of the surrogate on random batches of x+δ."""
+        """``steps`` optimiser steps of the surrogate on random batches of x+δ. δ is fixed while
+        the surrogate trains, so each sample drawn is perturbed once (see ``batch_deltas``)."""
         self.surrogate.train()
-        for _ in range(steps):
-            index = torch.randint(
-                0, len(train), (self.config.batch_size,), generator=self._generator
-            )
+        draws = [
+            torch.randint(0, len(train), (self.config.batch_size,), generator=self._generator)
+            for _ in range(steps)
+        ]
+        deltas = batch_deltas(perturb, train, draws)
+        for index in draws:
             batch = train.__getitems__(index.tolist())
-            with torch.no_grad():
-                delta = perturb(batch["image"], batch["targets"], batch["id"])
+            delta = next(deltas)
             loss = mean_task_loss(
                 self.surrogate, batch["image"] + delta, batch["targets"], self.tasks
             )
