@@ -355,6 +355,14 @@ def test_a_training_surrogate_perturbs_each_drawn_sample_once_and_as_drawn(tiny,
         torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-6)
 
 
+def test_the_em_surrogate_benchmark_times_both_ways_of_the_same_training(benchmark_script):
+    row = benchmark_script("em_surrogate").main(
+        ["--n-train", "64", "--image-size", "16", "--width", "4", "--steps", "2", "--rounds", "1"]
+    )
+    assert row["per_batch_s"] > 0 and row["once_per_sample_s"] > 0
+    assert row["weight_difference"] < 1e-4  # the same batches, the same δ up to rounding
+
+
 def test_tap_target_labels():
     assert target_labels(TaskSpec("b", "binary"), torch.tensor([0, 1])).tolist() == [1, 0]
     assert target_labels(TaskSpec("m", "multiclass", 5), torch.tensor([0, 3, 4])).tolist() == [
