@@ -128,17 +128,15 @@ def batch_deltas(
     train: MultiTaskArrays,
     draws: Sequence[Tensor],
     chunk: int = 256,
-    cache_bytes: int | None = None,
 ) -> Iterator[Tensor]:
     """δ of each batch of ``draws`` (index tensors into ``train``), in order. Random batches
     draw many samples more than once; each distinct sample's δ is computed once, in chunks of
-    ``chunk``, when all of them fit in ``cache_bytes`` (else batch by batch, as drawn)."""
-    cache_bytes = DELTA_CACHE_BYTES if cache_bytes is None else cache_bytes
+    ``chunk``, when all of them fit in ``DELTA_CACHE_BYTES`` (else batch by batch, as drawn)."""
     if not draws:
         return
     unique, where = torch.unique(torch.cat(draws), return_inverse=True)
     sample_bytes = train.images[0].numel() * 4
-    if len(unique) * sample_bytes > cache_bytes:
+    if len(unique) * sample_bytes > DELTA_CACHE_BYTES:
         for index in draws:
             batch = train.__getitems__(index.tolist())
             with torch.no_grad():  # not around the yield: the caller's step needs autograd
@@ -311,10 +309,8 @@ class ErrorMinimising(UEBase):
             torch.randint(0, len(train), (self.config.batch_size,), generator=self._generator)
             for _ in range(steps)
         ]
-        deltas = batch_deltas(perturb, train, draws)
-        for index in draws:
+        for index, delta in zip(draws, batch_deltas(perturb, train, draws), strict=True):
             batch = train.__getitems__(index.tolist())
-            delta = next(deltas)
             loss = mean_task_loss(
                 self.surrogate, batch["image"] + delta, batch["targets"], self.tasks
             )
