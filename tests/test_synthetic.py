@@ -128,6 +128,34 @@ def test_contrast_option_keeps_labels_and_lowers_feature_contrast():
         build_dataset("synthetic", n_train=4, n_test=4, contrast=0)
 
 
+def test_dense_contrast_blends_toward_a_label_free_scene_and_keeps_labels():
+    from raymtl.errors import ConfigError
+
+    def dense(contrast=None):
+        extra = {} if contrast is None else {"contrast": contrast}
+        return build_dataset("synthetic_dense", n_train=30, n_test=2, image_size=32, **extra)
+
+    default, same, faint, half = dense(), dense(1.0), dense(0.3), dense(0.65)
+    assert torch.equal(default.train.images, same.train.images)
+    assert faint.options["contrast"] == 0.3 and "contrast" not in default.options
+    for name in default.train.targets:
+        assert torch.equal(default.train.targets[name], faint.train.targets[name])
+    # The same scene blended linearly: 0.3 moves each pixel about twice as far as 0.65 does
+    # (up to rounding and clipping to 8 bits), and every image is less varied around its median
+    # (the floor).
+    full = default.train.images.float()
+    far, near = faint.train.images.float() - full, half.train.images.float() - full
+    assert ((far - 2 * near).abs() <= 2).float().mean() > 0.99 and far.abs().max() > 20
+
+    def spread(images):
+        x = images.float().flatten(1)
+        return (x - x.median(1, keepdim=True).values).abs().mean(1)
+
+    assert (spread(faint.train.images) < spread(default.train.images)).float().mean() > 0.9
+    with pytest.raises(ConfigError, match=r"contrast must be in \(0, 1\], got 1.5"):
+        dense(1.5)
+
+
 def test_options_given_as_text_are_parsed_or_rejected_in_one_line():
     bundle = build_dataset("synthetic", n_train="12", n_test="4", image_size="16")
     assert len(bundle.train) == 12 and bundle.image_size == 16

@@ -213,8 +213,14 @@ def normals_from_depth(depth: np.ndarray, pixel_size: float) -> np.ndarray:
     return (normal / np.linalg.norm(normal, axis=0, keepdims=True)).astype(np.float32)
 
 
-def render_dense(seed: int, sample_id: int, size: int) -> dict[str, np.ndarray]:
-    """Render one ``synthetic_dense`` scene: image uint8 [3,H,W], segmentation, depth, normals."""
+def render_dense(
+    seed: int, sample_id: int, size: int, contrast: float = 1.0
+) -> dict[str, np.ndarray]:
+    """Render one ``synthetic_dense`` scene: image uint8 [3,H,W], segmentation, depth, normals.
+
+    ``contrast`` blends the rendered scene toward a label-free one (the bare checkered floor,
+    flat-shaded, at a fixed fog), so objects, shading and fog, everything that carries the
+    labels, stand out by that fraction of their default difference (1.0: the default images)."""
     rng = np.random.default_rng([seed, sample_id])
     s = float(size)
     pixel = 4.0 / s  # the image spans 4 world units
@@ -228,6 +234,7 @@ def render_dense(seed: int, sample_id: int, size: int) -> dict[str, np.ndarray]:
     cell = s / 4
     checker = ((xx // cell + yy // cell) % 2).astype(np.float32)
     albedo = floor_a[:, None, None] * (1 - checker) + floor_b[:, None, None] * checker
+    bare_floor = albedo.copy()  # label-free: no objects (for contrast < 1)
 
     for _ in range(int(rng.integers(1, 4))):
         kind = int(rng.integers(1, len(DENSE_CLASSES)))
@@ -257,7 +264,12 @@ def render_dense(seed: int, sample_id: int, size: int) -> dict[str, np.ndarray]:
     lambert = np.clip(np.tensordot(light, normals, axes=1), 0, 1)
     image = albedo * (0.35 + 0.65 * lambert)
     fog = np.clip((depth - 3.0) / 6.0, 0, 1) * 0.35
-    image = image * (1 - fog) + 0.6 * fog + rng.normal(0, 0.02, size=image.shape)
+    image = image * (1 - fog) + 0.6 * fog
+    if contrast != 1.0:  # the floor facing the camera, at the fog of the floor's mean depth
+        flat_fog = np.clip((6.0 - 3.0) / 6.0, 0, 1) * 0.35
+        flat = bare_floor * (0.35 + 0.65 * float(np.clip(-light[2], 0, 1)))
+        image = _blend(flat * (1 - flat_fog) + 0.6 * flat_fog, image, contrast)
+    image = image + rng.normal(0, 0.02, size=image.shape)
     return {
         "image": np.clip(np.rint(image * 255), 0, 255).astype(np.uint8),
         "segmentation": segmentation,
@@ -284,12 +296,25 @@ def make_classification_split(
     return MultiTaskArrays(torch.from_numpy(images), targets, torch.from_numpy(ids), split, factors)
 
 
-def make_dense_split(seed: int, ids: np.ndarray, size: int, split: str) -> MultiTaskArrays:
+def make_dense_split(
+    seed: int, ids: np.ndarray, size: int, split: str, contrast: float = 1.0
+) -> MultiTaskArrays:
     """Render the given sample ids of ``synthetic_dense`` into an in-memory split."""
-    scenes = [render_dense(seed, int(i), size) for i in ids]
+    scenes = [render_dense(seed, int(i), size, contrast) for i in ids]
     stack = {k: torch.from_numpy(np.stack([sc[k] for sc in scenes])) for k in scenes[0]}
     images = stack.pop("image")
     return MultiTaskArrays(images, stack, torch.from_numpy(ids), split)
+
+
+def _contrast(value: Any) -> float:
+    """The ``contrast`` option as a number in (0, 1]; ConfigError otherwise."""
+    try:
+        contrast = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data set option contrast must be a number, got {value!r}") from None
+    if not 0 < contrast <= 1:
+        raise ConfigError(f"contrast must be in (0, 1], got {contrast}")
+    return contrast
 
 
 def _integer(key: str, value: Any) -> int:
@@ -360,12 +385,7 @@ def build_synthetic(
 ) -> DatasetBundle:
     """The embedded classification set: 11 binary + 3 multi-class tasks, 32 px RGB by default.
     ``contrast`` (0, 1] scales how strongly the labelled features stand out from the background."""
-    try:
-        contrast = float(contrast)
-    except (TypeError, ValueError):
-        raise ConfigError(f"data set option contrast must be a number, got {contrast!r}") from None
-    if not 0 < contrast <= 1:
-        raise ConfigError(f"contrast must be in (0, 1], got {contrast}")
+    contrast = _contrast(contrast)
     return _build(
         "synthetic",
         classification_tasks(),
@@ -386,16 +406,20 @@ def build_synthetic_dense(
     n_test: int = 500,
     image_size: int = 32,
     seed: int = 0,
+    contrast: float = 1.0,
     **unknown: Any,
 ) -> DatasetBundle:
-    """The embedded dense set (NYUv2-style): segmentation (4 classes), depth, normals."""
+    """The embedded dense set (NYUv2-style): segmentation (4 classes), depth, normals.
+    ``contrast`` (0, 1] scales how strongly objects, shading and fog stand out."""
+    contrast = _contrast(contrast)
     return _build(
         "synthetic_dense",
         dense_tasks(),
-        make_dense_split,
+        functools.partial(make_dense_split, contrast=contrast),
         n_train,
         n_test,
         image_size,
         seed,
         unknown,
+        {"contrast": contrast} if contrast != 1.0 else {},
     )
