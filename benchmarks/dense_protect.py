@@ -6,10 +6,13 @@ input-independent predictor (per pixel: the training set's most frequent class, 
 mean normal — the best a model can do without looking at the image) and victims trained on
 MTL-UE+EM and MTL-UE+TAP data at ε = 8/255, all on the CLEAN test set. The issue's target: each
 protected victim loses at least half of the clean victim's margin over the input-independent
-predictor, on every metric ("margin removed" ≥ 0.5).
+predictor, on every metric ("margin removed" ≥ 0.5). The data set is drawn at contrast 0.3 by
+default (objects, shading and fog at 30 % of their default difference), as the MTL-UE table's
+classification set is; the ``label-code`` row is a surrogate-free probe that writes each
+pixel's labels into its colour within ε.
 
 Writes dense.csv and dense.md to --out and prints them.
-Usage: python benchmarks/dense_protect.py [--cells clean,MTL-UE+EM,MTL-UE+TAP] [--out DIR]
+Usage: python benchmarks/dense_protect.py [--cells clean,label-code,MTL-UE+EM,MTL-UE+TAP] [--contrast 0.3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from raymtl.models import create_model
 from raymtl.protect import ProtectConfig, SurrogateConfig, protect
 from raymtl.protect.__main__ import epsilon_value
 from raymtl.protect.store import with_deltas
-from raymtl.tasks import TaskSpec
+from raymtl.tasks import IGNORE_INDEX, TaskSpec
 
 CELLS: dict[str, tuple[str, str] | None] = {
     "clean": None,
@@ -41,6 +44,35 @@ CELLS: dict[str, tuple[str, str] | None] = {
     "MTL-UE+TAP": ("mtlue", "tap"),
 }
 DEFAULT_CELLS = ["clean", "MTL-UE+EM", "MTL-UE+TAP"]
+LABEL_CODE = "label-code"  # the surrogate-free shortcut below, not a protect method
+
+
+def label_coded_deltas(train: MultiTaskArrays, tasks: list[TaskSpec], epsilon: float) -> Tensor:
+    """Integer δ that writes each pixel's labels into its colour: per segmentation class a fixed
+    random ±1 colour, the normalised log-depth along a fixed ±1 colour, the normal vector as
+    RGB; averaged over the tasks and scaled so each image's largest |δ| is ε. No surrogate:
+    a probe of how much the easiest dense shortcut within ε can hide from a victim."""
+    generator = torch.Generator().manual_seed(0)
+    codes = []
+    for task in tasks:
+        target = train.targets[task.name]
+        if task.kind == "segmentation":
+            colours = torch.randint(0, 2, (task.num_classes, 3), generator=generator) * 2.0 - 1
+            known = target != IGNORE_INDEX
+            code = colours[torch.where(known, target, 0)].permute(0, 3, 1, 2)
+            codes.append(code * known.unsqueeze(1))
+        elif task.kind == "depth":
+            depth = target.float().reshape(len(target), 1, *target.shape[-2:])
+            valid = depth > 0
+            log_depth = torch.log(depth.clamp_min(1e-6))
+            low, high = log_depth[valid].min(), log_depth[valid].max()
+            scaled = (2 * (log_depth - low) / (high - low).clamp_min(1e-6) - 1) * valid
+            codes.append(scaled * torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1))
+        else:
+            codes.append(target.float())
+    code = torch.stack(codes).mean(0)
+    code = code / code.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return torch.round(code * epsilon * 255).to(torch.int16)
 
 
 class InputIndependentPredictor(nn.Module):
@@ -89,8 +121,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument(
+        "--contrast",
+        type=float,
+        default=0.3,
+        help="synthetic_dense contrast of objects, shading and fog (1 = the default set, where "
+        "even a label-coded 8/255 shortcut hides nothing; README)",
+    )
     parser.add_argument("--epsilon", type=epsilon_value, default=8 / 255, help="e.g. 8/255")
-    parser.add_argument("--victim-epochs", type=int, default=20)
+    # 40 epochs: the clean victim's mIoU is still rising at 20 (0.62 against 0.88 at contrast 1)
+    parser.add_argument("--victim-epochs", type=int, default=40)
     parser.add_argument("--clean-epochs", type=int, default=15, help="TAP's clean model")
     parser.add_argument("--generator-epochs", type=int, default=20)
     parser.add_argument("--generator-lr", type=float, default=ProtectConfig.lr)
@@ -103,15 +143,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--cells",
         default=",".join(DEFAULT_CELLS),
-        help=f"comma-separated rows, from: {', '.join(CELLS)}",
+        help=f"comma-separated rows, from: {', '.join([*CELLS, LABEL_CODE])}",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/dense-protect")
     args = parser.parse_args(argv)
-    unknown = [c for c in args.cells.split(",") if c not in CELLS]
+    unknown = [c for c in args.cells.split(",") if c not in CELLS and c != LABEL_CODE]
     if unknown:
-        parser.error(f"--cells: unknown row {unknown[0]!r}; available: {', '.join(CELLS)}")
+        parser.error(
+            f"--cells: unknown row {unknown[0]!r}; available: {', '.join([*CELLS, LABEL_CODE])}"
+        )
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     bundle = build_dataset(
@@ -120,6 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         n_test=args.n_test,
         image_size=args.image_size,
         seed=args.seed,
+        contrast=args.contrast,
     )
     tasks = list(bundle.tasks)
     prior = InputIndependentPredictor(bundle.train, tasks)
@@ -136,7 +179,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.cells.split(","):
         start = time.perf_counter()
         train = bundle.train
-        if CELLS[name] is not None:
+        if name == LABEL_CODE:
+            deltas = label_coded_deltas(train, tasks, args.epsilon)
+            train = with_deltas(train, train.ids.numpy(), deltas.numpy())
+        elif CELLS[name] is not None:
             method, base = CELLS[name]
             config = ProtectConfig(
                 method=method,
@@ -186,9 +232,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out)
     atomic_write_text(out / "dense.csv", buffer.getvalue())
     lines = [
-        f"| synthetic_dense, small CNN victim, ε = {round(args.epsilon * 255)}/255 | "
-        + " | ".join(columns[1:])
-        + " |",
+        f"| synthetic_dense, contrast {args.contrast:g}, small CNN victim, "
+        f"ε = {round(args.epsilon * 255)}/255 | " + " | ".join(columns[1:]) + " |",
         "|---|" + "---|" * (len(columns) - 1),
     ]
     for row in rows:

@@ -158,3 +158,17 @@ def test_the_dense_table_command_runs_at_a_tiny_size(tmp_path, benchmark_script)
     assert "least margin removed" in rows[-1]
     table = (tmp_path / "dense.md").read_text()
     assert "segmentation/miou" in table and "MTL-UE+TAP" in table
+
+
+def test_the_label_code_probe_writes_each_pixels_labels_within_epsilon(dense, benchmark_script):
+    code = benchmark_script("dense_protect").label_coded_deltas
+    deltas = code(dense.train, list(dense.tasks), 8 / 255)
+    assert deltas.dtype == torch.int16 and deltas.shape == dense.train.images.shape
+    assert deltas.abs().amax(dim=(1, 2, 3)).eq(8).all()  # each image reaches ε and no further
+    # The code follows the labels, not the image: other images, same δ; other classes, other δ.
+    negative = dense.train.subset(range(len(dense.train)))
+    negative.images = 255 - negative.images
+    assert torch.equal(code(negative, list(dense.tasks), 8 / 255), deltas)
+    relabelled = dense.train.subset(range(len(dense.train)))
+    relabelled.targets["segmentation"] = (relabelled.targets["segmentation"] + 1) % 4
+    assert not torch.equal(code(relabelled, list(dense.tasks), 8 / 255), deltas)
