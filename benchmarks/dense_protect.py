@@ -45,6 +45,7 @@ CELLS: dict[str, tuple[str, str] | None] = {
 }
 DEFAULT_CELLS = ["clean", "MTL-UE+EM", "MTL-UE+TAP"]
 LABEL_CODE = "label-code"  # the surrogate-free shortcut below, not a protect method
+ROWS = [*CELLS, LABEL_CODE]
 
 
 def label_coded_deltas(train: MultiTaskArrays, tasks: list[TaskSpec], epsilon: float) -> Tensor:
@@ -143,17 +144,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--cells",
         default=",".join(DEFAULT_CELLS),
-        help=f"comma-separated rows, from: {', '.join([*CELLS, LABEL_CODE])}",
+        help=f"comma-separated rows, from: {', '.join(ROWS)}",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/dense-protect")
     args = parser.parse_args(argv)
-    unknown = [c for c in args.cells.split(",") if c not in CELLS and c != LABEL_CODE]
+    unknown = [c for c in args.cells.split(",") if c not in ROWS]
     if unknown:
-        parser.error(
-            f"--cells: unknown row {unknown[0]!r}; available: {', '.join([*CELLS, LABEL_CODE])}"
-        )
+        parser.error(f"--cells: unknown row {unknown[0]!r}; available: {', '.join(ROWS)}")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     bundle = build_dataset(

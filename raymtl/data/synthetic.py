@@ -213,6 +213,11 @@ def normals_from_depth(depth: np.ndarray, pixel_size: float) -> np.ndarray:
     return (normal / np.linalg.norm(normal, axis=0, keepdims=True)).astype(np.float32)
 
 
+def _fog(depth: np.ndarray) -> np.ndarray:
+    """The fog a dense scene's pixels get at ``depth``: none up to 3 units, 0.35 from 9."""
+    return np.clip((depth - 3.0) / 6.0, 0, 1) * 0.35
+
+
 def render_dense(
     seed: int, sample_id: int, size: int, contrast: float = 1.0
 ) -> dict[str, np.ndarray]:
@@ -263,10 +268,10 @@ def render_dense(
     light = np.array([0.4, -0.5, -1.0]) / np.linalg.norm([0.4, -0.5, -1.0])
     lambert = np.clip(np.tensordot(light, normals, axes=1), 0, 1)
     image = albedo * (0.35 + 0.65 * lambert)
-    fog = np.clip((depth - 3.0) / 6.0, 0, 1) * 0.35
+    fog = _fog(depth)
     image = image * (1 - fog) + 0.6 * fog
     if contrast != 1.0:  # the floor facing the camera, at the fog of the floor's mean depth
-        flat_fog = np.clip((6.0 - 3.0) / 6.0, 0, 1) * 0.35
+        flat_fog = _fog(np.float64(6.0))
         flat = bare_floor * (0.35 + 0.65 * float(np.clip(-light[2], 0, 1)))
         image = _blend(flat * (1 - flat_fog) + 0.6 * flat_fog, image, contrast)
     image = image + rng.normal(0, 0.02, size=image.shape)
